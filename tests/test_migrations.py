@@ -1,0 +1,68 @@
+"""The migrations apply unchanged on a fresh Supabase-like database, again from scratch, and not
+twice on the same database."""
+
+from __future__ import annotations
+
+import psycopg
+
+from tests.conftest import PROJECT_DIR
+from worker import migrations
+from worker.localdb import LocalDatabase
+
+SCHEMA_FINGERPRINT = """
+select string_agg(format('%s.%s.%s:%s', table_schema, table_name, column_name, data_type), ',' order by 1)
+  from information_schema.columns where table_schema = 'public'
+"""
+
+
+def test_migrations_apply_twice_from_scratch(cluster: LocalDatabase) -> None:
+    expected = [m.version for m in migrations.list_migrations(PROJECT_DIR)]
+    assert expected, "no migrations found"
+    fingerprints = []
+    for _ in range(2):
+        url = cluster.create_database("scratch")  # drops the previous one
+        assert migrations.prepare(url, project_dir=PROJECT_DIR) == expected
+        with psycopg.connect(url) as conn:
+            recorded = [r[0] for r in conn.execute(
+                "select version from supabase_migrations.schema_migrations order by version")]
+            fingerprints.append(conn.execute(SCHEMA_FINGERPRINT).fetchone()[0])
+        assert recorded == expected
+    assert fingerprints[0] == fingerprints[1]
+    assert "assistant_messages.reply_to" in fingerprints[0]
+
+
+def test_prepare_again_applies_nothing(db_url: str) -> None:
+    assert migrations.prepare(db_url, project_dir=PROJECT_DIR) == []
+
+
+def test_migration_files_are_named_for_the_supabase_cli() -> None:
+    for migration in migrations.list_migrations(PROJECT_DIR):
+        assert migrations.MIGRATION_NAME.match(migration.path.name)
+        text = migration.sql().lower()
+        # Only what a hosted Supabase database has: no superuser-only statements.
+        for forbidden in ("create role", "alter system", "create schema auth", "uuid_generate_v4"):
+            assert forbidden not in text, f"{migration.path.name} uses {forbidden!r}"
+
+
+def test_bootstrap_looks_like_supabase(conn: psycopg.Connection) -> None:
+    roles = dict(conn.execute(
+        "select rolname, rolbypassrls from pg_roles where rolname in ('anon','authenticated','service_role','authenticator')"))
+    assert roles == {"anon": False, "authenticated": False, "service_role": True, "authenticator": False}
+    members = {r[0] for r in conn.execute(
+        "select r.rolname from pg_auth_members m join pg_roles r on r.oid = m.roleid"
+        " join pg_roles u on u.oid = m.member where u.rolname = 'authenticator'")}
+    assert {"anon", "authenticated", "service_role"} <= members
+    with conn.transaction(force_rollback=True):
+        conn.execute("""select set_config('request.jwt.claims', '{"sub":"7d1f6f4e-2a4b-4b8e-9d55-0c7a1f0e9b11","role":"authenticated","is_anonymous":true}', true)""")
+        uid, role, jwt = conn.execute("select auth.uid()::text, auth.role(), auth.jwt() ->> 'is_anonymous'").fetchone()
+    assert (uid, role, jwt) == ("7d1f6f4e-2a4b-4b8e-9d55-0c7a1f0e9b11", "authenticated", "true")
+    assert conn.execute("select auth.uid()").fetchone()[0] is None
+    assert conn.execute("select count(*) from pg_namespace where nspname = 'extensions'").fetchone()[0] == 1
+    assert conn.execute("select count(*) from pg_available_extensions where name = 'vector'").fetchone()[0] == 1
+
+
+def test_clients_watch_threads_and_messages_over_realtime(conn: psycopg.Connection) -> None:
+    published = {r[0] for r in conn.execute(
+        "select tablename from pg_publication_tables where pubname = 'supabase_realtime'")}
+    assert {"assistant_threads", "assistant_messages"} <= published
+    assert "assistant_runs" not in published
