@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import sys
-
 from worker.localdb import LocalDatabase, default_data_dir
 
 
 def _db(action: str) -> int:
     db = LocalDatabase(default_data_dir())
     if action == "up":
-        print(f"local database: {db.data_dir}", file=sys.stderr)
+        print(f"local database: {db.data_dir}", flush=True)
         print(db.up())
     elif action == "down":
         db.stop()
         print(f"local database in {db.data_dir} stopped")
     elif action == "reset":
         db.destroy()
-        print(f"local database in {db.data_dir} recreated", file=sys.stderr)
+        print(f"local database in {db.data_dir} recreated", flush=True)
         print(db.up())
     return 0
 

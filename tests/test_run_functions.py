@@ -1,0 +1,278 @@
+"""The worker's SQL API: claim, complete, fail, release, extend, straight on the database."""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+import uuid
+
+import psycopg
+import psycopg.errors
+import pytest
+
+from tests import postgrest
+from tests.postgrest import create_user, request
+
+MODEL = "meta/meta-llama-3-8b-instruct"
+
+
+@pytest.fixture
+def owner(conn: psycopg.Connection) -> uuid.UUID:
+    return create_user(conn, email="owner@example.com")
+
+
+@pytest.fixture
+def thread(conn: psycopg.Connection, owner: uuid.UUID) -> uuid.UUID:
+    return conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (owner,)).fetchone()[0]
+
+
+def say(conn: psycopg.Connection, owner: uuid.UUID, thread: uuid.UUID, content: str = "hello") -> uuid.UUID:
+    with request(conn, postgrest.user("owner", owner), commit=True) as cur:
+        return cur.execute("insert into assistant_messages (thread_id, role, content) values (%s, 'user', %s) returning id",
+                           (thread, content)).fetchone()[0]
+
+
+def claim(conn: psycopg.Connection, worker: str = "w1", limit: int = 10, lease: int = 60) -> list[dict]:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute("select * from claim_runs(%s, %s, %s)", (worker, limit, lease)).fetchall()
+
+
+def complete(conn: psycopg.Connection, run: dict, content: str = "An answer.", **extra) -> uuid.UUID:
+    args = {"p_run_id": run["run_id"], "p_attempt": run["attempt"], "p_content": content, "p_model": MODEL,
+            "p_prediction_id": "pred-1", "p_input_tokens": 12, "p_output_tokens": 3, "p_cost_usd": Decimal("0.000005"),
+            "p_latency_ms": 250, **extra}
+    names = ", ".join(f"{k} => %({k})s" for k in args)
+    return conn.execute(f"select complete_run({names})", args).fetchone()[0]
+
+
+def fail(conn: psycopg.Connection, run: dict, code: str = "provider_unavailable", **extra) -> str:
+    args = {"p_run_id": run["run_id"], "p_attempt": run["attempt"], "p_error_code": code, "p_error": "boom",
+            "p_model": MODEL, **extra}
+    names = ", ".join(f"{k} => %({k})s" for k in args)
+    return conn.execute(f"select fail_attempt({names})", args).fetchone()[0]
+
+
+def run_row(conn: psycopg.Connection, run_id: uuid.UUID) -> dict:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    return cur.execute("select * from assistant_runs where id = %s", (run_id,)).fetchone()
+
+
+def expire_lease(conn: psycopg.Connection, run_id: uuid.UUID) -> None:
+    conn.execute("update assistant_runs set lease_expires_at = now() - interval '1 second' where id = %s", (run_id,))
+
+
+def test_claim_returns_the_message_and_its_history(conn, owner, thread) -> None:
+    first = say(conn, owner, thread, "first question")
+    [run] = claim(conn)
+    complete(conn, run, "first answer")
+    say(conn, owner, thread, "second question")
+    [run2] = claim(conn)
+    assert run2["content"] == "second question" and run2["attempt"] == 1 and run2["thread_id"] == thread
+    assert [(h["role"], h["content"]) for h in run2["history"]] == [("user", "first question"), ("assistant", "first answer")]
+    assert run["message_id"] == first
+    row = run_row(conn, run2["run_id"])
+    assert row["status"] == "in_progress" and row["lease_owner"] == "w1" and row["attempts"] == 1
+    assert claim(conn) == []
+
+
+def test_history_is_the_last_50_and_leaves_failure_notices_out(conn, owner, thread) -> None:
+    conn.execute("""insert into assistant_messages (thread_id, role, content, created_at)
+                    select %s, 'system', 'note ' || i, now() - interval '1 hour' + i * interval '1 second'
+                      from generate_series(1, 60) i""", (thread,))
+    say(conn, owner, thread, "q1")
+    [run] = claim(conn)
+    fail(conn, run, "unauthorized", p_retryable=False)
+    say(conn, owner, thread, "q2")
+    [run2] = claim(conn)
+    contents = [h["content"] for h in run2["history"]]
+    assert len(contents) == 50
+    assert contents[-1] == "q1" and contents[0] == "note 12"
+    assert not any(c.startswith("Sorry") for c in contents)
+
+
+def test_complete_writes_reply_event_and_run_once(conn, owner, thread) -> None:
+    message = say(conn, owner, thread)
+    [run] = claim(conn)
+    reply = complete(conn, run)
+    assert complete(conn, run) == reply  # a repeated call after a crash changes nothing
+    assert complete(conn, run, "a different answer") == reply
+    rows = conn.execute("select role, content, reply_to, model, token_count, latency_ms, user_id from assistant_messages"
+                        " where role = 'assistant'").fetchall()
+    assert rows == [("assistant", "An answer.", message, MODEL, 3, 250, owner)]
+    events = conn.execute("select status, attempt, provider, model, prediction_id, input_tokens, output_tokens,"
+                          " cost_estimate_usd::text, latency_ms, message_id from assistant_inference_events").fetchall()
+    assert events == [("succeeded", 1, "replicate", MODEL, "pred-1", 12, 3, "0.000005", 250, message)]
+    row = run_row(conn, run["run_id"])
+    assert row["status"] == "completed" and row["lease_owner"] is None and row["finished_at"] is not None
+
+
+def test_long_replies_are_truncated_with_a_flag(conn, owner, thread) -> None:
+    say(conn, owner, thread)
+    [run] = claim(conn)
+    complete(conn, run, "y" * 9000, p_metadata='{"route": "chat"}')
+    content, metadata = conn.execute("select content, metadata_json from assistant_messages where role = 'assistant'").fetchone()
+    assert len(content) == 8000
+    assert metadata == {"route": "chat", "truncated": True, "original_length": 9000}
+
+
+def test_empty_reply_is_refused(conn, owner, thread) -> None:
+    say(conn, owner, thread)
+    [run] = claim(conn)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="cannot be empty"):
+        complete(conn, run, "   ")
+
+
+def test_retryable_failure_requeues_with_backoff_then_fails_with_a_reply(conn, owner, thread) -> None:
+    message = say(conn, owner, thread)
+    [run] = claim(conn)
+    assert fail(conn, run) == "queued"
+    row = run_row(conn, run["run_id"])
+    assert row["status"] == "queued" and row["last_error_code"] == "provider_unavailable"
+    delay = conn.execute("select extract(epoch from next_attempt_at - now()) from assistant_runs").fetchone()[0]
+    assert 1.5 < float(delay) <= 2.0  # 2^1 seconds after the first attempt
+    assert claim(conn) == []  # not due yet
+    for attempt in (2, 3):
+        conn.execute("update assistant_runs set next_attempt_at = now()")
+        [run] = claim(conn)
+        assert run["attempt"] == attempt
+        status = fail(conn, run, "rate_limited", p_retry_in_seconds=7)
+    assert status == "failed"
+    reply = conn.execute("select content, metadata_json, reply_to from assistant_messages where role = 'assistant'").fetchone()
+    assert reply[0].startswith("Sorry, I could not produce a reply this time: the model service is busy.")
+    assert reply[1] == {"error_code": "rate_limited", "failed": True} and reply[2] == message
+    events = conn.execute("select attempt, status, error_code from assistant_inference_events order by attempt").fetchall()
+    assert events == [(1, "failed", "provider_unavailable"), (2, "failed", "rate_limited"), (3, "failed", "rate_limited")]
+    assert fail(conn, run, "rate_limited") == "failed"  # repeating changes nothing
+    assert conn.execute("select count(*) from assistant_messages where role = 'assistant'").fetchone()[0] == 1
+
+
+def test_retry_after_is_honoured(conn, owner, thread) -> None:
+    say(conn, owner, thread)
+    [run] = claim(conn)
+    fail(conn, run, "rate_limited", p_retry_in_seconds=30)
+    delay = conn.execute("select extract(epoch from next_attempt_at - now()) from assistant_runs").fetchone()[0]
+    assert 29 < float(delay) <= 30
+
+
+def test_non_retryable_failure_ends_at_once(conn, owner, thread) -> None:
+    say(conn, owner, thread)
+    [run] = claim(conn)
+    assert fail(conn, run, "billing_required", p_retryable=False) == "failed"
+    assert run_row(conn, run["run_id"])["attempts"] == 1
+
+
+def test_bad_error_code_is_refused(conn, owner, thread) -> None:
+    say(conn, owner, thread)
+    [run] = claim(conn)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="lower_snake_case"):
+        fail(conn, run, "Oops!")
+
+
+def test_expired_lease_is_claimed_again_and_the_late_worker_cannot_double_reply(conn, owner, thread) -> None:
+    say(conn, owner, thread)
+    [first] = claim(conn, "w1")
+    expire_lease(conn, first["run_id"])
+    [second] = claim(conn, "w2")
+    assert second["run_id"] == first["run_id"] and second["attempt"] == 2
+    reply = complete(conn, second, "from w2")
+    assert complete(conn, first, "from w1, late") == reply
+    assert fail(conn, first) == "completed"
+    assert conn.execute("select content from assistant_messages where role = 'assistant'").fetchall() == [("from w2",)]
+
+
+def test_late_failure_of_a_reclaimed_attempt_leaves_the_run_alone(conn, owner, thread) -> None:
+    say(conn, owner, thread)
+    [first] = claim(conn, "w1")
+    expire_lease(conn, first["run_id"])
+    [second] = claim(conn, "w2")
+    assert fail(conn, first) == "in_progress"
+    row = run_row(conn, second["run_id"])
+    assert row["lease_owner"] == "w2" and row["attempts"] == 2
+
+
+def test_a_lease_expired_on_the_last_attempt_fails_the_run(conn, owner, thread) -> None:
+    say(conn, owner, thread)
+    for _ in range(3):
+        [run] = claim(conn)
+        expire_lease(conn, run["run_id"])
+    assert claim(conn) == []
+    row = run_row(conn, run["run_id"])
+    assert row["status"] == "failed" and row["last_error_code"] == "lease_expired"
+    assert conn.execute("select metadata_json->>'error_code' from assistant_messages where role = 'assistant'").fetchone()[0] == "lease_expired"
+
+
+def test_release_gives_the_attempt_back(conn, owner, thread) -> None:
+    say(conn, owner, thread)
+    [run] = claim(conn, "w1")
+    assert conn.execute("select release_run(%s, 'w2', %s)", (run["run_id"], run["attempt"])).fetchone()[0] is False
+    assert conn.execute("select release_run(%s, 'w1', %s)", (run["run_id"], run["attempt"])).fetchone()[0] is True
+    row = run_row(conn, run["run_id"])
+    assert row["status"] == "queued" and row["attempts"] == 0
+    assert claim(conn, "w2")[0]["attempt"] == 1
+
+
+def test_extend_lease_only_for_the_holder(conn, owner, thread) -> None:
+    say(conn, owner, thread)
+    [run] = claim(conn, "w1", lease=10)
+    assert conn.execute("select extend_lease(%s, 'w1', 1, 600)", (run["run_id"],)).fetchone()[0] is True
+    remaining = conn.execute("select extract(epoch from lease_expires_at - now()) from assistant_runs").fetchone()[0]
+    assert float(remaining) > 590
+    assert conn.execute("select extend_lease(%s, 'w2', 1, 600)", (run["run_id"],)).fetchone()[0] is False
+    assert conn.execute("select extend_lease(%s, 'w1', 2, 600)", (run["run_id"],)).fetchone()[0] is False
+
+
+def test_queue_status(conn, owner, thread) -> None:
+    assert conn.execute("select due_now, next_due_at, in_progress from run_queue_status()").fetchone() == (0, None, 0)
+    say(conn, owner, thread)
+    say(conn, owner, thread)
+    due, next_due, in_progress = conn.execute("select * from run_queue_status()").fetchone()
+    assert (due, in_progress) == (2, 0) and next_due is not None
+    claim(conn, limit=1)
+    assert conn.execute("select due_now, in_progress from run_queue_status()").fetchone() == (1, 1)
+
+
+def test_claim_arguments_are_checked(conn) -> None:
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="p_limit must be between 1 and 1000"):
+        claim(conn, limit=0)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="p_lease_seconds"):
+        claim(conn, lease=1)
+
+
+def test_concurrent_claims_are_disjoint(db_url: str, conn, owner, thread) -> None:
+    for i in range(40):
+        say(conn, owner, thread, f"m{i}")
+    claimed: list[list[uuid.UUID]] = []
+    barrier = threading.Barrier(4)
+
+    def worker(name: str) -> None:
+        with psycopg.connect(db_url, autocommit=True) as c:
+            barrier.wait()
+            mine = []
+            while rows := claim(c, name, limit=3):
+                mine += [r["run_id"] for r in rows]
+            claimed.append(mine)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [r for mine in claimed for r in mine]
+    assert len(every) == 40 and len(set(every)) == 40
+
+
+@pytest.mark.parametrize("call", [
+    "select * from claim_runs('x')",
+    "select complete_run(gen_random_uuid(), 1, 'x', 'm')",
+    "select fail_attempt(gen_random_uuid(), 1, 'timeout')",
+    "select release_run(gen_random_uuid(), 'x', 1)",
+    "select extend_lease(gen_random_uuid(), 'x', 1)",
+    "select * from run_queue_status()",
+    "select assistant_finish_failed(gen_random_uuid(), 'timeout', 'x')",
+])
+@pytest.mark.parametrize("actor", ["anon", "authenticated"])
+def test_clients_cannot_call_worker_functions(conn, owner, call: str, actor: str) -> None:
+    who = postgrest.anon() if actor == "anon" else postgrest.user("owner", owner)
+    with request(conn, who) as cur:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for function"):
+            cur.execute(call)
