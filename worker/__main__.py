@@ -1,9 +1,24 @@
-"""Command line: `python -m worker db up|down|reset` and `python -m worker run`."""
+"""Command line.
+
+  python -m worker run              the worker daemon (transport from the settings)
+  python -m worker chat             a terminal chat as a local user, through RLS (postgres transport)
+  python -m worker simulator        the local Replicate simulator on its own
+  python -m worker db up|down|reset the embedded local database
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import sys
+
+from pydantic import SecretStr, ValidationError
+
+from worker.config import Settings, describe_error, load_settings
 from worker.localdb import LocalDatabase, default_data_dir
+
+log = logging.getLogger("worker")
 
 
 def _db(action: str) -> int:
@@ -21,23 +36,93 @@ def _db(action: str) -> int:
     return 0
 
 
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ValidationError as error:
+        print(describe_error(error), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _database_url(settings: Settings) -> str | None:
+    if not settings.uses_embedded_database:
+        return None
+    url = LocalDatabase(default_data_dir()).up()
+    log.info("embedded local database is up", extra={"event": "localdb.up", "url": url})
+    return url
+
+
+async def _run_async(settings: Settings, database_url: str | None) -> None:
+    from worker.app import serve
+    from worker.simulator import ReplicateSimulator
+
+    simulator = None
+    if settings.replicate_api_token is None:
+        simulator = ReplicateSimulator(latency=0.3)
+        base_url = await simulator.start()
+        settings = settings.model_copy(update={"replicate_base_url": base_url,
+                                               "replicate_api_token": SecretStr("simulated")})
+        log.info("REPLICATE_API_TOKEN is not set: answering with the local Replicate simulator",
+                 extra={"event": "simulator.started", "base_url": base_url})
+    try:
+        await serve(settings, database_url)
+    finally:
+        if simulator:
+            await simulator.stop()
+
+
 def _run() -> int:
-    db = LocalDatabase(default_data_dir())
-    url = db.up()
-    print(f"local database is up at {url}")
-    print("the worker daemon is not built yet; the database stays up (`python -m worker db down` stops it)")
+    from worker import logs
+
+    settings = _settings()
+    logs.configure(settings.log_level)
+    asyncio.run(_run_async(settings, _database_url(settings)))
+    return 0
+
+
+def _chat(email: str) -> int:
+    from worker.chat import chat
+
+    settings = _settings()
+    if settings.transport != "postgres":
+        print("`chat` talks to the database directly: use it with the embedded database or DATABASE_URL",
+              file=sys.stderr)
+        return 2
+    url = _database_url(settings) or settings.database_url.get_secret_value()  # type: ignore[union-attr]
+    return asyncio.run(chat(url, email))
+
+
+def _simulator(port: int, latency: float) -> int:
+    from worker.simulator import ReplicateSimulator
+
+    async def main() -> None:
+        simulator = ReplicateSimulator(latency=latency)
+        print(await simulator.start(port=port), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     db = commands.add_parser("db", help="the embedded local database")
     db.add_argument("action", choices=["up", "down", "reset"])
-    commands.add_parser("run", help="run the worker on the configured transport")
+    commands.add_parser("run", help="run the worker daemon")
+    chat = commands.add_parser("chat", help="chat in the terminal as a local user")
+    chat.add_argument("--email", default="demo@example.com")
+    sim = commands.add_parser("simulator", help="run the Replicate simulator")
+    sim.add_argument("--port", type=int, default=0)
+    sim.add_argument("--latency", type=float, default=0.3)
     args = parser.parse_args(argv)
     if args.command == "db":
         return _db(args.action)
+    if args.command == "chat":
+        return _chat(args.email)
+    if args.command == "simulator":
+        return _simulator(args.port, args.latency)
     return _run()
 
 

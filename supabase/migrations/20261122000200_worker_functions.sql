@@ -17,6 +17,7 @@ as $$
     when 'billing_required' then 'the assistant''s model account needs attention.'
     when 'invalid_input' then 'the request could not be sent to the model.'
     when 'lease_expired' then 'the assistant stopped while working on it.'
+    when 'model_not_found' then 'the assistant''s model is not available.'
     else 'an unexpected error occurred.'
   end || ' Please try again.'
 $$;

@@ -1,0 +1,131 @@
+"""Settings, read from the environment and `.env` (pydantic-settings). Every setting is listed in
+the README's configuration table; an invalid one stops start-up with one clear line."""
+
+from __future__ import annotations
+
+import os
+import socket
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Price(BaseModel):
+    """What Replicate bills for a model: per token for official language models, per second of
+    `predict_time` for models on dedicated hardware."""
+
+    usd_per_input_token: Decimal | None = None
+    usd_per_output_token: Decimal | None = None
+    usd_per_second: Decimal | None = None
+
+
+class ModelProfile(BaseModel):
+    """A Replicate model and how a conversation becomes its input.
+
+    `input` is the request's input object; a value that is exactly one of `$prompt`,
+    `$system_prompt`, `$image`, `$max_tokens`, `$temperature` is replaced by that value, every
+    other value is sent as written."""
+
+    slug: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    version: str | None = None  # community models are run by version: POST /v1/predictions
+    prompt_format: Literal["llama3", "plain"] = "llama3"
+    input: dict[str, Any]
+    price: Price = Price()
+
+
+DEFAULT_CHAT_MODEL = ModelProfile(
+    slug="meta/meta-llama-3-8b-instruct",
+    prompt_format="llama3",
+    # The prompt already carries the Llama 3 chat template, so the model's own template is `{prompt}`.
+    input={"prompt": "$prompt", "prompt_template": "{prompt}", "max_tokens": "$max_tokens",
+           "temperature": "$temperature"},
+    price=Price(usd_per_input_token=Decimal("0.00000005"), usd_per_output_token=Decimal("0.00000025")),
+)
+
+DEFAULT_VISION_MODEL = ModelProfile(
+    slug="yorickvp/llava-13b",
+    version="80537f9eead1a5bfa72d5ac6ea6414379be41d4d4f6679fd776e9535d1eb58bb",
+    prompt_format="plain",
+    input={"image": "$image", "prompt": "$prompt", "max_tokens": "$max_tokens", "temperature": "$temperature"},
+    price=Price(usd_per_second=Decimal("0.000725")),
+)
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Where the work comes from.
+    worker_transport: Literal["auto", "supabase", "postgres"] = "auto"
+    supabase_url: str | None = None
+    supabase_service_role_key: SecretStr | None = None
+    database_url: SecretStr | None = None
+
+    # Replicate.
+    replicate_api_token: SecretStr | None = None
+    replicate_base_url: str = "https://api.replicate.com"
+    chat_model: ModelProfile = DEFAULT_CHAT_MODEL
+    vision_model: ModelProfile = DEFAULT_VISION_MODEL
+    system_prompt: str = "You are a helpful, concise assistant."
+    max_output_tokens: int = Field(512, ge=1, le=8192)
+    temperature: float = Field(0.6, ge=0, le=2)
+    context_token_budget: int = Field(6000, ge=256)
+    replicate_prefer_wait_seconds: int = Field(60, ge=1, le=60)
+    replicate_timeout_seconds: float = Field(30, gt=0)
+    prediction_timeout_seconds: float = Field(300, gt=0)
+    replicate_max_http_retries: int = Field(4, ge=0, le=10)
+    replicate_max_retry_after_seconds: float = Field(20, ge=0)
+
+    # The worker.
+    worker_id: str = Field(default_factory=_default_worker_id)
+    worker_concurrency: int = Field(32, ge=1, le=1000)
+    worker_claim_batch: int = Field(16, ge=1, le=1000)
+    worker_lease_seconds: int = Field(120, ge=10, le=3600)
+    worker_sweep_interval_seconds: float = Field(15, gt=0)
+    worker_shutdown_grace_seconds: float = Field(30, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("supabase_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _transport_has_what_it_needs(self) -> Settings:
+        if self.worker_transport == "supabase" or (self.worker_transport == "auto" and self.supabase_url):
+            if not self.supabase_url or not self.supabase_service_role_key:
+                raise ValueError("the supabase transport needs SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
+        if self.worker_transport == "postgres" and not self.database_url:
+            # Without DATABASE_URL the postgres transport runs on the embedded local database.
+            pass
+        return self
+
+    @property
+    def transport(self) -> Literal["supabase", "postgres"]:
+        if self.worker_transport != "auto":
+            return self.worker_transport
+        return "supabase" if self.supabase_url else "postgres"
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        return self.transport == "postgres" and self.database_url is None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming each bad setting by its environment variable."""
+    parts = []
+    for item in error.errors():
+        name = ".".join(str(p) for p in item["loc"]).upper() or "settings"
+        parts.append(f"{name}: {item['msg']}")
+    return "invalid configuration: " + "; ".join(parts)

@@ -1,0 +1,204 @@
+"""The worker: claims due runs, asks the routed model for each reply, and hands the result back to
+SQL. Every state change is one SQL function call (see store.py), so the worker can die at any
+instant without losing or doubling a reply: its leases expire and another worker takes over."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from worker.config import Settings
+from worker.prompts import ModelRequest, build_request, estimate_tokens
+from worker.provider import Prediction, ProviderError, ReplicateClient, estimate_cost
+from worker.store import ClaimedRun, RunStore, StoreUnavailable
+
+log = logging.getLogger("worker.pipeline")
+T = TypeVar("T")
+
+
+class Wakeups(Protocol):
+    live: bool
+
+    async def run(self, wake: Callable[[], None]) -> None: ...
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: RunStore, provider: ReplicateClient, wakeups: Wakeups) -> None:
+        self.settings = settings
+        self.store = store
+        self.provider = provider
+        self.wakeups = wakeups
+        self.inflight: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self.counts: Counter[str] = Counter()
+        self.peak_inflight = 0
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Until stop(): claim and process; then drain within the shutdown grace period."""
+        wakeups = asyncio.create_task(self.wakeups.run(self.wake), name="wakeups")
+        log.info("worker started", extra={"event": "worker.started", "worker_id": self.settings.worker_id,
+                                          "concurrency": self.settings.worker_concurrency})
+        try:
+            await self._claim_loop()
+        finally:
+            wakeups.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await wakeups
+            await self._drain()
+            log.info("worker stopped", extra={"event": "worker.stopped", "counts": dict(self.counts)})
+
+    async def _claim_loop(self) -> None:
+        backoff = 0.2
+        while not self._stopping.is_set():
+            self._wake.clear()
+            free = self.settings.worker_concurrency - len(self.inflight)
+            full_batch = False
+            if free > 0:
+                batch = min(free, self.settings.worker_claim_batch)
+                try:
+                    runs = await self.store.claim(self.settings.worker_id, batch, self.settings.worker_lease_seconds)
+                    backoff = 0.2
+                except Exception as exc:  # the database is away: keep trying, never exit
+                    self.counts["claim_errors"] += 1
+                    log.warning("claim failed", extra={"event": "claim.failed", "error": str(exc)[:200]})
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                for run in runs:
+                    self._start(run)
+                full_batch = len(runs) == batch
+            if full_batch:
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.worker_sweep_interval_seconds)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    def _start(self, run: ClaimedRun) -> None:
+        self.counts["claimed"] += 1
+        log.info("run claimed", extra={"event": "run.claimed", "run_id": str(run.run_id),
+                                       "message_id": str(run.message_id), "attempt": run.attempt})
+        task = asyncio.create_task(self._process(run), name=f"run-{run.run_id}")
+        self.inflight[run.run_id] = task
+        self.peak_inflight = max(self.peak_inflight, len(self.inflight))
+
+        def done(_: asyncio.Task[None]) -> None:
+            self.inflight.pop(run.run_id, None)
+            self.wake()  # a slot is free
+
+        task.add_done_callback(done)
+
+    async def _drain(self) -> None:
+        """Stop claiming; let in-flight runs finish within the grace period; release the rest."""
+        if not self.inflight:
+            return
+        pending = list(self.inflight.values())
+        log.info("draining", extra={"event": "worker.draining", "in_flight": len(pending)})
+        _, still_running = await asyncio.wait(pending, timeout=self.settings.worker_shutdown_grace_seconds)
+        for task in still_running:
+            task.cancel()
+        if still_running:
+            await asyncio.wait(still_running, timeout=10)
+
+    # -- one run --------------------------------------------------------------------------------
+    async def _process(self, run: ClaimedRun) -> None:
+        lease = asyncio.create_task(self._keep_lease(run))
+        request: ModelRequest | None = None
+        try:
+            request = build_request(self.settings, run.history, run.content, run.image_url)
+            try:
+                prediction = await self.provider.predict(request.model, request.input)
+            except ProviderError as exc:
+                await self._fail(run, request, exc)
+                return
+            await self._complete(run, request, prediction)
+        except asyncio.CancelledError:
+            # Shutdown past the grace period: give the run back untouched (the prediction was
+            # cancelled at Replicate by the provider).
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.release(run, self.settings.worker_id))
+            self.counts["released"] += 1
+            raise
+        except Exception as exc:
+            log.exception("run crashed", extra={"event": "run.crashed", "run_id": str(run.run_id)})
+            error = ProviderError("internal_error", f"{type(exc).__name__}: {exc}"[:500], retryable=True)
+            with contextlib.suppress(Exception):
+                await self._fail(run, request, error)
+        finally:
+            lease.cancel()
+
+    async def _keep_lease(self, run: ClaimedRun) -> None:
+        interval = self.settings.worker_lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self.store.extend_lease(run, self.settings.worker_id, self.settings.worker_lease_seconds):
+                    log.warning("lease lost", extra={"event": "run.lease_lost", "run_id": str(run.run_id)})
+                    return
+            except Exception as exc:
+                log.warning("lease renewal failed", extra={"event": "run.lease_error", "run_id": str(run.run_id),
+                                                           "error": str(exc)[:200]})
+
+    async def _store_call(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Store calls are idempotent: retry them while the database is away, up to one lease."""
+        async for attempt in AsyncRetrying(retry=retry_if_exception_type(StoreUnavailable),
+                                           stop=stop_after_delay(self.settings.worker_lease_seconds),
+                                           wait=wait_exponential_jitter(initial=0.2, max=5), reraise=True):
+            with attempt:
+                return await call()
+        raise AssertionError("unreachable")
+
+    async def _complete(self, run: ClaimedRun, request: ModelRequest, prediction: Prediction) -> None:
+        input_tokens = prediction.input_tokens
+        output_tokens = prediction.output_tokens
+        metadata: dict[str, Any] = {"route": request.route, "prediction_id": prediction.id,
+                                    "history_used": request.history_used}
+        if input_tokens is None or output_tokens is None:
+            metadata["tokens_estimated"] = True
+            input_tokens = request.prompt_tokens_estimate if input_tokens is None else input_tokens
+            output_tokens = estimate_tokens(prediction.text) if output_tokens is None else output_tokens
+        if prediction.predict_time is not None:
+            metadata["predict_time"] = prediction.predict_time
+        cost = estimate_cost(request.model, input_tokens, output_tokens, prediction.predict_time)
+        await self._store_call(lambda: self.store.complete(
+            run, content=prediction.text, model=request.model.slug, prediction_id=prediction.id,
+            input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost,
+            latency_ms=prediction.latency_ms, metadata=metadata))
+        self.counts["completed"] += 1
+        log.info("run completed", extra={"event": "run.completed", "run_id": str(run.run_id),
+                                         "message_id": str(run.message_id), "attempt": run.attempt,
+                                         "model": request.model.slug, "latency_ms": prediction.latency_ms,
+                                         "output_tokens": output_tokens})
+
+    async def _fail(self, run: ClaimedRun, request: ModelRequest | None, error: ProviderError) -> None:
+        model = request.model.slug if request else "unknown"
+        retry_in = error.retry_after
+        status = await self._store_call(lambda: self.store.fail(
+            run, code=error.code, error=error.message, retryable=error.retryable, retry_in=retry_in,
+            model=model, prediction_id=error.prediction_id, latency_ms=None))
+        self.counts[f"failed.{error.code}"] += 1
+        log.warning("run attempt failed", extra={"event": "run.failed", "run_id": str(run.run_id),
+                                                 "message_id": str(run.message_id), "attempt": run.attempt,
+                                                 "error_code": error.code, "status": status, "model": model})
+        if status == "queued":
+            # Wake up when the retry falls due (the exact delay is the database's; this is a hint).
+            delay = retry_in if retry_in is not None else min(300.0, 2.0 ** run.attempt)
+            asyncio.get_running_loop().call_later(delay + 0.05, self.wake)

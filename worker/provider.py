@@ -1,0 +1,246 @@
+"""Replicate's predictions API over httpx: create with `Prefer: wait`, poll until the prediction
+ends, normalise output and map every failure to an error code.
+
+The HTTP client is passed in (tests route it to respx or a loopback simulator). Creating a
+prediction is retried with tenacity on 429 (honouring `Retry-After` and the "resets in ~Ns"
+of Replicate's throttle message), 5xx and connection errors; a wait longer than
+`replicate_max_retry_after_seconds` is handed back to the run's own backoff instead of holding a
+worker slot."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import re
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from worker.config import ModelProfile, Settings
+
+TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
+THROTTLE_RESET = re.compile(r"resets in ~?(\d+(?:\.\d+)?)\s*s")
+
+
+class ProviderError(Exception):
+    """A failed prediction attempt, with the normalised code stored on events and runs."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool, retry_after: float | None = None,
+                 prediction_id: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.prediction_id = prediction_id
+        self.status = status
+
+
+@dataclass
+class Prediction:
+    id: str
+    text: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    latency_ms: int = 0
+
+    @property
+    def input_tokens(self) -> int | None:
+        value = self.metrics.get("input_token_count")
+        return int(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def output_tokens(self) -> int | None:
+        value = self.metrics.get("output_token_count")
+        return int(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def predict_time(self) -> float | None:
+        value = self.metrics.get("predict_time")
+        return float(value) if isinstance(value, (int, float)) else None
+
+
+def estimate_cost(model: ModelProfile, input_tokens: int | None, output_tokens: int | None,
+                  predict_time: float | None) -> Decimal | None:
+    """Per token where the model is billed per token, else per second of predict_time."""
+    price = model.price
+    if price.usd_per_input_token is not None or price.usd_per_output_token is not None:
+        if input_tokens is None and output_tokens is None:
+            return None
+        cost = (price.usd_per_input_token or 0) * (input_tokens or 0) + (price.usd_per_output_token or 0) * (output_tokens or 0)
+    elif price.usd_per_second is not None and predict_time is not None:
+        cost = price.usd_per_second * Decimal(str(predict_time))
+    else:
+        return None
+    return Decimal(cost).quantize(Decimal("0.000001"))
+
+
+def parse_retry_after(response: httpx.Response, detail: str) -> float | None:
+    header = response.headers.get("retry-after")
+    if header:
+        try:
+            return max(0.0, float(header))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(header) if header else None
+            if when is not None:
+                return max(0.0, when.timestamp() - time.time())
+    match = THROTTLE_RESET.search(detail or "")
+    return float(match.group(1)) if match else None
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict):
+        return str(body.get("detail") or body.get("title") or body)[:500]
+    return str(body)[:500]
+
+
+def error_from_response(response: httpx.Response) -> ProviderError:
+    status, detail = response.status_code, _detail(response)
+    message = f"Replicate answered {status}: {detail}"
+    if status == 429:
+        return ProviderError("rate_limited", message, retryable=True,
+                             retry_after=parse_retry_after(response, detail), status=status)
+    if status in (401, 403):
+        return ProviderError("unauthorized", message, retryable=False, status=status)
+    if status == 402:
+        return ProviderError("billing_required", message, retryable=False, status=status)
+    if status == 404:
+        return ProviderError("model_not_found", message, retryable=False, status=status)
+    if status in (400, 413, 422):
+        return ProviderError("invalid_input", message, retryable=False, status=status)
+    if status >= 500:
+        return ProviderError("provider_unavailable", message, retryable=True,
+                             retry_after=parse_retry_after(response, detail), status=status)
+    return ProviderError("provider_error", message, retryable=False, status=status)
+
+
+def output_text(output: Any) -> str:
+    """Language models stream a list of tokens; some models return one string."""
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list) and all(isinstance(part, str) for part in output):
+        return "".join(output)
+    raise ProviderError("invalid_output", f"unexpected output type {type(output).__name__}", retryable=True)
+
+
+class ReplicateClient:
+    def __init__(self, http: httpx.AsyncClient, settings: Settings) -> None:
+        self.http = http
+        self.settings = settings
+        self.base_url = settings.replicate_base_url.rstrip("/")
+
+    def _headers(self, token: str | None) -> dict[str, str]:
+        token = token or (self.settings.replicate_api_token.get_secret_value()
+                          if self.settings.replicate_api_token else None)
+        if not token:
+            raise ProviderError("unauthorized", "no Replicate API token configured", retryable=False)
+        return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    async def _request(self, method: str, url: str, headers: dict[str, str], **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = await self.http.request(method, url, headers=headers, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise ProviderError("timeout", f"Replicate did not answer in time ({type(exc).__name__})", retryable=True) from exc
+        except httpx.TransportError as exc:
+            raise ProviderError("provider_unavailable", f"cannot reach Replicate ({type(exc).__name__})", retryable=True) from exc
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise ProviderError("invalid_output", "Replicate answered with something that is not JSON", retryable=True) from exc
+        if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not isinstance(body.get("status"), str):
+            raise ProviderError("invalid_output", "Replicate answered without a prediction id and status", retryable=True)
+        return body
+
+    async def create(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None) -> dict[str, Any]:
+        """POST the prediction, waiting up to `replicate_prefer_wait_seconds` for it to finish."""
+        headers = {**self._headers(token), "Prefer": f"wait={self.settings.replicate_prefer_wait_seconds}"}
+        if model.version:
+            url, body = f"{self.base_url}/v1/predictions", {"version": model.version, "input": model_input}
+        else:
+            url, body = f"{self.base_url}/v1/models/{model.slug}/predictions", {"input": model_input}
+        timeout = httpx.Timeout(self.settings.replicate_timeout_seconds,
+                                read=self.settings.replicate_prefer_wait_seconds + self.settings.replicate_timeout_seconds)
+        max_wait = self.settings.replicate_max_retry_after_seconds
+
+        def transient(exc: BaseException) -> bool:
+            # A read timeout after the request was sent may have created a prediction: not retried
+            # here (the run's own retry decides), to avoid paying for the same answer twice.
+            if not isinstance(exc, ProviderError) or not exc.retryable or exc.code == "timeout":
+                return False
+            return exc.retry_after is None or exc.retry_after <= max_wait
+
+        def wait(state: Any) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, ProviderError) and exc.retry_after is not None:
+                return exc.retry_after
+            return wait_exponential_jitter(initial=0.5, max=8)(state)
+
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
+                                           retry=retry_if_exception(transient), wait=wait, reraise=True):
+            with attempt:
+                return await self._request("POST", url, headers, json=body, timeout=timeout)
+        raise AssertionError("unreachable")
+
+    async def get(self, prediction_id: str, token: str | None = None) -> dict[str, Any]:
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
+                                           retry=retry_if_exception(lambda e: isinstance(e, ProviderError) and e.retryable),
+                                           wait=wait_exponential_jitter(initial=0.2, max=5), reraise=True):
+            with attempt:
+                return await self._request("GET", f"{self.base_url}/v1/predictions/{prediction_id}",
+                                           self._headers(token), timeout=self.settings.replicate_timeout_seconds)
+        raise AssertionError("unreachable")
+
+    async def cancel(self, prediction_id: str, token: str | None = None) -> None:
+        try:
+            await self._request("POST", f"{self.base_url}/v1/predictions/{prediction_id}/cancel",
+                                self._headers(token), timeout=self.settings.replicate_timeout_seconds)
+        except ProviderError:
+            pass  # best effort: the prediction may have ended meanwhile
+
+    async def predict(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None) -> Prediction:
+        """Run one prediction to its end. Raises ProviderError with a normalised code."""
+        started = time.monotonic()
+        prediction = await self.create(model, model_input, token)
+        prediction_id = prediction["id"]
+        deadline = started + self.settings.prediction_timeout_seconds
+        delay = 0.1
+        try:
+            while prediction["status"] not in TERMINAL:
+                if time.monotonic() >= deadline:
+                    await self.cancel(prediction_id, token)
+                    raise ProviderError("timeout", f"prediction did not finish in {self.settings.prediction_timeout_seconds:g}s",
+                                        retryable=True)
+                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 1.5, 2.0)
+                prediction = await self.get(prediction_id, token)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.cancel(prediction_id, token))
+            raise
+        except ProviderError as exc:
+            exc.prediction_id = exc.prediction_id or prediction_id
+            raise
+        latency_ms = int((time.monotonic() - started) * 1000)
+        status = prediction["status"]
+        if status != "succeeded":
+            error = str(prediction.get("error") or f"prediction {status}")[:500]
+            raise ProviderError("model_failed", f"prediction {status}: {error}", retryable=True,
+                                prediction_id=prediction_id)
+        try:
+            text = output_text(prediction.get("output"))
+        except ProviderError as exc:
+            exc.prediction_id = prediction_id
+            raise
+        if not text.strip():
+            raise ProviderError("invalid_output", "the model returned an empty reply", retryable=True,
+                                prediction_id=prediction_id)
+        metrics = prediction.get("metrics") if isinstance(prediction.get("metrics"), dict) else {}
+        return Prediction(prediction_id, text, metrics, latency_ms)

@@ -1,0 +1,243 @@
+"""A local stand-in for Replicate's predictions API, for the quickstart, tests and benchmarks.
+
+It speaks the documented HTTP API on loopback: `POST /v1/models/{owner}/{name}/predictions`
+(official models), `POST /v1/predictions` (by version), `GET /v1/predictions/{id}`,
+`POST /v1/predictions/{id}/cancel`, with `Prefer: wait[=N]`, `Authorization: Bearer`, prediction
+objects with `urls` pointing back at itself, `metrics`, and problem+json errors. Latency, the
+reply and faults are configurable; faults are consumed one per create request, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+
+PREFER_WAIT = re.compile(r"^wait(?:=(\d+))?$")
+
+
+@dataclass
+class Fault:
+    """One injected fault for the next create request.
+
+    kind: `http` (answer `status` with a problem+json body, `retry_after` as header if set,
+    `detail` as message), `failed` / `canceled` (the prediction ends so), `malformed` (the
+    prediction succeeds with an output that is not text), `garbage` (a 200 that is not JSON),
+    `hang` (the create request never answers)."""
+
+    kind: str
+    status: int = 500
+    retry_after: float | None = None
+    detail: str | None = None
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any] | None
+
+
+@dataclass
+class SimPrediction:
+    id: str
+    model: str
+    version: str
+    input: dict[str, Any]
+    created: float
+    latency: float
+    tokens: list[str]
+    base_url: str
+    end_as: str = "succeeded"
+    error: str | None = None
+    canceled_at: float | None = None
+    output_override: Any = None
+
+    def status(self, now: float) -> str:
+        if self.canceled_at is not None:
+            return "canceled"
+        if now >= self.created + self.latency:
+            return self.end_as
+        return "processing" if now >= self.created + min(0.01, self.latency) else "starting"
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        status = self.status(now)
+        done = status in ("succeeded", "failed", "canceled")
+        iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")  # noqa: E731
+        output: Any = None
+        if status == "succeeded":
+            output = self.output_override if self.output_override is not None else self.tokens
+        elif status == "processing":
+            output = []
+        body: dict[str, Any] = {
+            "id": self.id, "model": self.model, "version": self.version, "input": self.input, "logs": "",
+            "output": output, "data_removed": False, "error": self.error if status == "failed" else None,
+            "status": status, "source": "api", "created_at": iso(self.created),
+            "urls": {"get": f"{self.base_url}/v1/predictions/{self.id}",
+                     "cancel": f"{self.base_url}/v1/predictions/{self.id}/cancel",
+                     "stream": f"{self.base_url}/v1/streams/{self.id}"},
+        }
+        if status != "starting":
+            body["started_at"] = iso(self.created)
+        if done:
+            end = self.canceled_at or (self.created + self.latency)
+            body["completed_at"] = iso(end)
+            prompt = str(self.input.get("prompt", ""))
+            body["metrics"] = {"predict_time": round(end - self.created, 6), "total_time": round(end - self.created, 6)}
+            if status == "succeeded" and self.model.startswith("meta/"):
+                body["metrics"].update(input_token_count=len(prompt) // 4 + 1, output_token_count=len(self.tokens),
+                                       time_to_first_token=round(self.latency / 2, 6))
+        return body
+
+
+def default_reply(model_input: dict[str, Any]) -> str:
+    """A deterministic reply that shows what the model was asked."""
+    prompt = str(model_input.get("prompt", ""))
+    last = prompt.rsplit("<|start_header_id|>user<|end_header_id|>", 1)[-1]
+    last = last.split("<|eot_id|>", 1)[0].strip().rsplit("User:", 1)[-1].strip()
+    seen = " with an image" if model_input.get("image") else ""
+    return f"You said{seen}: {last[:200]}"
+
+
+def tokenize(text: str) -> list[str]:
+    return re.findall(r"\s*\S+", text) or [text]
+
+
+@dataclass
+class ReplicateSimulator:
+    latency: float = 0.0
+    reply: Any = default_reply  # callable(input) -> str
+    token: str | None = None  # when set, only this bearer token is accepted
+    faults: list[Fault] = field(default_factory=list)
+    requests: list[RecordedRequest] = field(default_factory=list)
+    predictions: dict[str, SimPrediction] = field(default_factory=dict)
+    base_url: str = ""
+    _runner: web.AppRunner | None = None
+    _ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    def inject(self, *faults: Fault) -> None:
+        self.faults.extend(faults)
+
+    @property
+    def creates(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.method == "POST" and r.path.endswith("/predictions")]
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/models/{owner}/{name}/predictions", self._create_official)
+        app.router.add_post("/v1/predictions", self._create_version)
+        app.router.add_get("/v1/predictions/{id}", self._get)
+        app.router.add_post("/v1/predictions/{id}/cancel", self._cancel)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
+        self.base_url = f"http://{host}:{bound[1]}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    # -- handlers -------------------------------------------------------------------------------
+    @staticmethod
+    def _problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+        return web.Response(status=status, headers=headers, content_type="application/problem+json",
+                            text=json.dumps({"title": title, "detail": detail, "status": status}))
+
+    async def _record(self, request: web.Request) -> tuple[RecordedRequest, web.Response | None]:
+        body = None
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError:
+                body = None
+        recorded = RecordedRequest(request.method, request.path, dict(request.headers), body)
+        self.requests.append(recorded)
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or not auth[7:] or (self.token is not None and auth[7:] != self.token):
+            return recorded, self._problem(401, "Unauthenticated", "You did not pass a valid authentication token")
+        return recorded, None
+
+    async def _create_official(self, request: web.Request) -> web.StreamResponse:
+        model = f"{request.match_info['owner']}/{request.match_info['name']}"
+        return await self._create(request, model, None)
+
+    async def _create_version(self, request: web.Request) -> web.StreamResponse:
+        return await self._create(request, None, None)
+
+    async def _create(self, request: web.Request, model: str | None, _: Any) -> web.StreamResponse:
+        recorded, refusal = await self._record(request)
+        if refusal:
+            return refusal
+        body = recorded.body
+        if not isinstance(body, dict) or not isinstance(body.get("input"), dict):
+            return self._problem(422, "Input validation failed", "- input: input is required")
+        version = "dp-simulated"
+        if model is None:
+            if not isinstance(body.get("version"), str):
+                return self._problem(422, "Invalid version or not permitted", "The specified version does not exist")
+            version = body["version"]
+            model = version.split(":")[0] if "/" in version else "yorickvp/llava-13b"
+        prefer = PREFER_WAIT.match(request.headers.get("Prefer", ""))
+        if request.headers.get("Prefer") and not prefer:
+            return self._problem(422, "Invalid Prefer header", "Prefer must be wait or wait=N")
+
+        fault = self.faults.pop(0) if self.faults else None
+        if fault and fault.kind == "hang":
+            await asyncio.sleep(3600)
+        if fault and fault.kind == "garbage":
+            return web.Response(status=201, text="<html>bad gateway</html>", content_type="text/html")
+        if fault and fault.kind == "http":
+            headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
+            titles = {429: "Too Many Requests", 402: "Insufficient credit", 401: "Unauthenticated", 422: "Input validation failed"}
+            return self._problem(fault.status, titles.get(fault.status, "Server error"),
+                                 fault.detail or "simulated failure", headers)
+
+        model_input = body["input"]
+        text = self.reply(model_input)
+        prediction = SimPrediction(
+            id=f"sim{next(self._ids):06d}{secrets.token_hex(4)}", model=model, version=version, input=model_input,
+            created=time.time(), latency=self.latency, tokens=tokenize(text), base_url=self.base_url)
+        if fault and fault.kind in ("failed", "canceled"):
+            prediction.end_as = fault.kind
+            prediction.error = fault.detail or ("CUDA out of memory" if fault.kind == "failed" else None)
+        if fault and fault.kind == "malformed":
+            prediction.output_override = {"unexpected": True}
+        self.predictions[prediction.id] = prediction
+        if prefer:
+            wait = min(float(prefer.group(1) or 60), prediction.latency)
+            if wait > 0:
+                await asyncio.sleep(wait)
+        headers = {"Preference-Applied": request.headers["Prefer"]} if prefer else None
+        return web.json_response(prediction.to_json(time.time()), status=201, headers=headers)
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        _, refusal = await self._record(request)
+        if refusal:
+            return refusal
+        prediction = self.predictions.get(request.match_info["id"])
+        if prediction is None:
+            return self._problem(404, "Not found", "The requested resource could not be found.")
+        return web.json_response(prediction.to_json(time.time()))
+
+    async def _cancel(self, request: web.Request) -> web.StreamResponse:
+        _, refusal = await self._record(request)
+        if refusal:
+            return refusal
+        prediction = self.predictions.get(request.match_info["id"])
+        if prediction is None:
+            return self._problem(404, "Not found", "The requested resource could not be found.")
+        now = time.time()
+        if prediction.status(now) in ("starting", "processing"):
+            prediction.canceled_at = now
+        return web.json_response(prediction.to_json(now))

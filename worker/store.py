@@ -1,0 +1,157 @@
+"""The worker's SQL API (supabase/migrations/*_worker_functions.sql) over either transport.
+
+`RunStore` holds the calls; a transport only knows how to call a function with named arguments:
+`PostgresStore` over a psycopg pool, `PostgrestStore` through PostgREST RPC with supabase-py."""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+
+class StoreUnavailable(Exception):
+    """The database (or PostgREST in front of it) could not be reached; worth retrying."""
+
+
+@dataclass(frozen=True)
+class ClaimedRun:
+    run_id: uuid.UUID
+    message_id: uuid.UUID
+    thread_id: uuid.UUID
+    user_id: uuid.UUID
+    attempt: int
+    max_attempts: int
+    content: str
+    image_url: str | None
+    history: list[dict[str, Any]]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ClaimedRun:
+        return cls(
+            run_id=uuid.UUID(str(row["run_id"])), message_id=uuid.UUID(str(row["message_id"])),
+            thread_id=uuid.UUID(str(row["thread_id"])), user_id=uuid.UUID(str(row["user_id"])),
+            attempt=int(row["attempt"]), max_attempts=int(row["max_attempts"]), content=row["content"],
+            image_url=row["image_url"], history=list(row["history"] or []),
+        )
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    due_now: int
+    next_due_at: datetime | None
+    in_progress: int
+
+
+class RunStore(ABC):
+    @abstractmethod
+    async def call(self, function: str, args: dict[str, Any], *, rows: bool = False) -> Any:
+        """Call `public.<function>` with named arguments: a list of row dicts when `rows`,
+        else the single value it returns."""
+
+    async def close(self) -> None:  # noqa: B027 - optional for transports
+        pass
+
+    async def claim(self, worker: str, limit: int, lease_seconds: int) -> list[ClaimedRun]:
+        found = await self.call("claim_runs", {"p_worker": worker, "p_limit": limit, "p_lease_seconds": lease_seconds},
+                                rows=True)
+        return [ClaimedRun.from_row(row) for row in found]
+
+    async def complete(self, run: ClaimedRun, *, content: str, model: str, prediction_id: str | None,
+                       input_tokens: int | None, output_tokens: int | None, cost_usd: Decimal | None,
+                       latency_ms: int | None, metadata: dict[str, Any]) -> uuid.UUID | None:
+        reply = await self.call("complete_run", {
+            "p_run_id": run.run_id, "p_attempt": run.attempt, "p_content": content, "p_model": model,
+            "p_provider": "replicate", "p_prediction_id": prediction_id, "p_input_tokens": input_tokens,
+            "p_output_tokens": output_tokens, "p_cost_usd": cost_usd, "p_latency_ms": latency_ms,
+            "p_metadata": metadata,
+        })
+        return uuid.UUID(str(reply)) if reply else None
+
+    async def fail(self, run: ClaimedRun, *, code: str, error: str, retryable: bool, retry_in: float | None,
+                   model: str, prediction_id: str | None, latency_ms: int | None) -> str:
+        return str(await self.call("fail_attempt", {
+            "p_run_id": run.run_id, "p_attempt": run.attempt, "p_error_code": code, "p_error": error,
+            "p_retryable": retryable, "p_retry_in_seconds": retry_in, "p_model": model, "p_provider": "replicate",
+            "p_prediction_id": prediction_id, "p_latency_ms": latency_ms,
+        }))
+
+    async def release(self, run: ClaimedRun, worker: str) -> bool:
+        return bool(await self.call("release_run", {"p_run_id": run.run_id, "p_worker": worker, "p_attempt": run.attempt}))
+
+    async def extend_lease(self, run: ClaimedRun, worker: str, lease_seconds: int) -> bool:
+        return bool(await self.call("extend_lease", {"p_run_id": run.run_id, "p_worker": worker,
+                                                     "p_attempt": run.attempt, "p_lease_seconds": lease_seconds}))
+
+    async def queue_status(self) -> QueueStatus:
+        [row] = await self.call("run_queue_status", {}, rows=True)
+        next_due = row["next_due_at"]
+        if isinstance(next_due, str):
+            next_due = datetime.fromisoformat(next_due)
+        return QueueStatus(int(row["due_now"]), next_due, int(row["in_progress"]))
+
+
+class PostgresStore(RunStore):
+    """Direct connection: `select * from fn(p_x => %(p_x)s, …)` over a psycopg pool."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, url: str, max_size: int = 10) -> PostgresStore:
+        pool = AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False,
+                                   kwargs={"autocommit": True, "row_factory": dict_row})
+        await pool.open(wait=True, timeout=30)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def call(self, function: str, args: dict[str, Any], *, rows: bool = False) -> Any:
+        params = {k: Jsonb(v) if isinstance(v, (dict, list)) else v for k, v in args.items()}
+        named = ", ".join(f"{k} => %({k})s" for k in params)
+        sql = f"select * from public.{function}({named})" if rows else f"select public.{function}({named}) as value"
+        try:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(sql, params)
+                found = await cursor.fetchall()
+        except (psycopg.OperationalError, PoolTimeout) as exc:  # connection lost, server restarting
+            raise StoreUnavailable(str(exc)) from exc
+        return found if rows else found[0]["value"]
+
+
+class PostgrestStore(RunStore):
+    """Supabase: `POST /rest/v1/rpc/<fn>` with the service role key, through supabase-py."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client  # supabase.AsyncClient
+
+    @staticmethod
+    def _json(value: Any) -> Any:
+        if isinstance(value, uuid.UUID):
+            return str(value)
+        if isinstance(value, Decimal):
+            return float(value)
+        return value
+
+    async def call(self, function: str, args: dict[str, Any], *, rows: bool = False) -> Any:
+        import httpx
+        from postgrest.exceptions import APIError
+
+        try:
+            response = await self.client.rpc(function, {k: self._json(v) for k, v in args.items()}).execute()
+        except httpx.TransportError as exc:
+            raise StoreUnavailable(f"PostgREST unreachable: {exc}") from exc
+        except APIError as exc:
+            if str(exc.code or "").startswith(("PGRST00", "08", "57P", "503", "502", "504")):
+                raise StoreUnavailable(f"PostgREST: {exc.message}") from exc
+            raise
+        return response.data

@@ -1,0 +1,133 @@
+"""Wake-up hints for the worker. A hint only says "look now": the database is the truth, so a lost
+hint costs at most one sweep interval, and every (re)connect is followed by a sweep.
+
+- `ListenWakeups`: LISTEN assistant_runs on a direct connection (postgres transport).
+- `RealtimeWakeups`: a Supabase Realtime `postgres_changes` INSERT subscription on
+  assistant_messages (role=eq.user). realtime-py reconnects by itself a few times and then gives
+  up without a word, and a channel the server closes is never rejoined; so this class supervises
+  the client and rebuilds it whenever it is not connected and subscribed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+log = logging.getLogger("worker.wakeups")
+
+Wake = Callable[[], None]
+
+
+class ListenWakeups:
+    def __init__(self, url: str, *, health_check_seconds: float = 10.0, max_backoff: float = 5.0) -> None:
+        self.url = url
+        self.health_check_seconds = health_check_seconds
+        self.max_backoff = max_backoff
+        self.live = False
+
+    async def run(self, wake: Wake) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+                    await conn.execute("listen assistant_runs")
+                    self.live, backoff = True, 0.2
+                    log.info("listening", extra={"event": "wakeups.live", "transport": "postgres"})
+                    wake()  # sweep: whatever arrived while we were not listening
+                    while True:
+                        async for _ in conn.notifies(timeout=self.health_check_seconds):
+                            wake()
+                        await conn.execute("select 1")  # a silent dead connection shows up here
+            except (psycopg.OperationalError, OSError) as exc:
+                if self.live:
+                    log.warning("listen connection lost", extra={"event": "wakeups.lost", "error": str(exc)[:200]})
+            finally:
+                self.live = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff)
+
+
+class RealtimeWakeups:
+    """Subscribes through supabase-py's realtime client (the Phoenix protocol of Supabase Realtime)."""
+
+    TOPIC = "assistant-worker"
+
+    def __init__(self, supabase_url: str, service_role_key: str, *, check_seconds: float = 1.0,
+                 unhealthy_grace_seconds: float = 20.0, max_backoff: float = 10.0,
+                 realtime_options: dict[str, Any] | None = None) -> None:
+        self.realtime_url = f"{supabase_url.rstrip('/')}/realtime/v1"
+        self.key = service_role_key
+        self.check_seconds = check_seconds
+        self.unhealthy_grace_seconds = unhealthy_grace_seconds
+        self.max_backoff = max_backoff
+        self.realtime_options = realtime_options or {}
+        self.live = False
+        self.rebuilds = 0
+
+    async def run(self, wake: Wake) -> None:
+        from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
+
+        backoff = 0.5
+        while True:
+            client = AsyncRealtimeClient(self.realtime_url, token=self.key, **self.realtime_options)
+            closed = asyncio.Event()
+
+            def on_insert(payload: Any) -> None:
+                wake()
+
+            def on_system(payload: Any) -> None:
+                # The join reply only means the channel exists; changes flow once the server says
+                # "Subscribed to PostgreSQL". Anything committed before that is found by the sweep.
+                if getattr(payload, "extension", None) == "postgres_changes" and getattr(payload, "status", None) == "ok":
+                    if not self.live:
+                        log.info("subscribed", extra={"event": "wakeups.live", "transport": "supabase"})
+                    self.live = True
+                    wake()
+
+            def on_state(state: Any, error: Exception | None) -> None:
+                if state != RealtimeSubscribeStates.SUBSCRIBED:
+                    self.live = False
+                    log.warning("realtime channel %s", state, extra={"event": "wakeups.channel_state",
+                                                                     "state": str(state), "error": str(error)[:200]})
+                if state == RealtimeSubscribeStates.CLOSED:
+                    closed.set()
+
+            try:
+                channel = client.channel(self.TOPIC)
+                channel.on_postgres_changes("INSERT", on_insert, table="assistant_messages", schema="public",
+                                            filter="role=eq.user")
+                channel.on_system(on_system)
+                await channel.subscribe(on_state)
+                backoff = 0.5
+                await self._watch(client, channel, closed)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection refused, handshake failed, protocol error
+                log.warning("realtime connection failed", extra={"event": "wakeups.lost", "error": str(exc)[:200]})
+            finally:
+                self.live = False
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), timeout=2)
+            self.rebuilds += 1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff)
+
+    async def _watch(self, client: Any, channel: Any, closed: asyncio.Event) -> None:
+        """Returns when the client must be rebuilt: the channel was closed by the server, or the
+        client has been disconnected or unsubscribed for longer than its own retries need."""
+        unhealthy_for = 0.0
+        while not closed.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(closed.wait(), timeout=self.check_seconds)
+            healthy = client.is_connected and channel.is_joined and self.live
+            listen_task = getattr(client, "_listen_task", None)
+            if listen_task is not None and listen_task.done():
+                return  # realtime-py gave up reconnecting
+            unhealthy_for = 0.0 if healthy else unhealthy_for + self.check_seconds
+            if unhealthy_for >= self.unhealthy_grace_seconds:
+                return
