@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     worker_lease_seconds: int = Field(120, ge=10, le=3600)
     worker_sweep_interval_seconds: float = Field(15, gt=0)
     worker_shutdown_grace_seconds: float = Field(30, ge=0)
+    worker_retry_base_seconds: float = Field(2, ge=0)
+    worker_retry_max_seconds: float = Field(300, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("supabase_url")

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from worker.config import Settings
 from worker.prompts import ModelRequest, build_request, estimate_tokens
@@ -161,7 +161,7 @@ class Worker:
         """Store calls are idempotent: retry them while the database is away, up to one lease."""
         async for attempt in AsyncRetrying(retry=retry_if_exception_type(StoreUnavailable),
                                            stop=stop_after_delay(self.settings.worker_lease_seconds),
-                                           wait=wait_exponential_jitter(initial=0.2, max=5), reraise=True):
+                                           wait=wait_random_exponential(multiplier=0.2, max=5), reraise=True):
             with attempt:
                 return await call()
         raise AssertionError("unreachable")
@@ -191,6 +191,9 @@ class Worker:
     async def _fail(self, run: ClaimedRun, request: ModelRequest | None, error: ProviderError) -> None:
         model = request.model.slug if request else "unknown"
         retry_in = error.retry_after
+        if retry_in is None:  # exponential backoff: base, 2 x base, 4 x base … up to the cap
+            retry_in = min(self.settings.worker_retry_max_seconds,
+                           self.settings.worker_retry_base_seconds * 2 ** (run.attempt - 1))
         status = await self._store_call(lambda: self.store.fail(
             run, code=error.code, error=error.message, retryable=error.retryable, retry_in=retry_in,
             model=model, prediction_id=error.prediction_id, latency_ms=None))
@@ -200,5 +203,4 @@ class Worker:
                                                  "error_code": error.code, "status": status, "model": model})
         if status == "queued":
             # Wake up when the retry falls due (the exact delay is the database's; this is a hint).
-            delay = retry_in if retry_in is not None else min(300.0, 2.0 ** run.attempt)
-            asyncio.get_running_loop().call_later(delay + 0.05, self.wake)
+            asyncio.get_running_loop().call_later(retry_in + 0.05, self.wake)

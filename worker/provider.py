@@ -14,11 +14,11 @@ import email.utils
 import re
 import time
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from worker.config import ModelProfile, Settings
 
@@ -75,7 +75,7 @@ def estimate_cost(model: ModelProfile, input_tokens: int | None, output_tokens: 
         cost = price.usd_per_second * Decimal(str(predict_time))
     else:
         return None
-    return Decimal(cost).quantize(Decimal("0.000001"))
+    return Decimal(cost).quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
 
 
 def parse_retry_after(response: httpx.Response, detail: str) -> float | None:
@@ -172,9 +172,9 @@ class ReplicateClient:
         max_wait = self.settings.replicate_max_retry_after_seconds
 
         def transient(exc: BaseException) -> bool:
-            # A read timeout after the request was sent may have created a prediction: not retried
-            # here (the run's own retry decides), to avoid paying for the same answer twice.
-            if not isinstance(exc, ProviderError) or not exc.retryable or exc.code == "timeout":
+            # Only answers that created nothing. A read timeout or a garbled 201 may have created a
+            # prediction: the run's own retry decides, so one answer is not paid for twice.
+            if not isinstance(exc, ProviderError) or exc.code not in ("rate_limited", "provider_unavailable"):
                 return False
             return exc.retry_after is None or exc.retry_after <= max_wait
 
@@ -182,7 +182,7 @@ class ReplicateClient:
             exc = state.outcome.exception() if state.outcome else None
             if isinstance(exc, ProviderError) and exc.retry_after is not None:
                 return exc.retry_after
-            return wait_exponential_jitter(initial=0.5, max=8)(state)
+            return wait_random_exponential(multiplier=0.5, max=8)(state)
 
         async for attempt in AsyncRetrying(stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
                                            retry=retry_if_exception(transient), wait=wait, reraise=True):
@@ -193,7 +193,7 @@ class ReplicateClient:
     async def get(self, prediction_id: str, token: str | None = None) -> dict[str, Any]:
         async for attempt in AsyncRetrying(stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
                                            retry=retry_if_exception(lambda e: isinstance(e, ProviderError) and e.retryable),
-                                           wait=wait_exponential_jitter(initial=0.2, max=5), reraise=True):
+                                           wait=wait_random_exponential(multiplier=0.2, max=5), reraise=True):
             with attempt:
                 return await self._request("GET", f"{self.base_url}/v1/predictions/{prediction_id}",
                                            self._headers(token), timeout=self.settings.replicate_timeout_seconds)

@@ -102,7 +102,7 @@ def default_reply(model_input: dict[str, Any]) -> str:
     """A deterministic reply that shows what the model was asked."""
     prompt = str(model_input.get("prompt", ""))
     last = prompt.rsplit("<|start_header_id|>user<|end_header_id|>", 1)[-1]
-    last = last.split("<|eot_id|>", 1)[0].strip().rsplit("User:", 1)[-1].strip()
+    last = last.split("<|eot_id|>", 1)[0].strip().rsplit("User:", 1)[-1].strip().rsplit("\n\n", 1)[-1]
     seen = " with an image" if model_input.get("image") else ""
     return f"You said{seen}: {last[:200]}"
 

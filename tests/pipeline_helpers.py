@@ -1,0 +1,109 @@
+"""Helpers for end-to-end tests: a user writing through RLS, a running worker, waiting for state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg.rows import dict_row
+
+from worker.config import Settings
+from worker.pipeline import Worker
+from worker.provider import ReplicateClient
+from worker.store import PostgresStore, RunStore
+from worker.wakeups import ListenWakeups
+
+
+def worker_settings(base_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "replicate_api_token": "r8_test", "replicate_base_url": base_url, "worker_transport": "postgres",
+        "worker_sweep_interval_seconds": 3600, "worker_retry_base_seconds": 0.05, "worker_lease_seconds": 30,
+        "worker_shutdown_grace_seconds": 5, "replicate_max_retry_after_seconds": 1,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+async def as_user(db_url: str, user_id: uuid.UUID, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+    """One PostgREST-style request as a signed-in user."""
+    async with await psycopg.AsyncConnection.connect(db_url, row_factory=dict_row) as conn:
+        async with conn.transaction():
+            await conn.execute("set local role authenticated")
+            await conn.execute("select set_config('request.jwt.claims', %s, true)",
+                               (json.dumps({"sub": str(user_id), "role": "authenticated"}),))
+            cursor = await conn.execute(sql, params)
+            return await cursor.fetchall() if cursor.description else []
+
+
+async def new_user_thread(db_url: str) -> tuple[uuid.UUID, uuid.UUID]:
+    user_id = uuid.uuid4()
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("insert into auth.users (id, email) values (%s, %s)", (user_id, f"{user_id}@example.com"))
+    [row] = await as_user(db_url, user_id, "insert into assistant_threads (title) values ('t') returning id")
+    return user_id, row["id"]
+
+
+async def say(db_url: str, user_id: uuid.UUID, thread_id: uuid.UUID, content: str,
+              image_url: str | None = None) -> uuid.UUID:
+    [row] = await as_user(db_url, user_id,
+                          "insert into assistant_messages (thread_id, role, content, image_url) values (%s, 'user', %s, %s) returning id",
+                          (thread_id, content, image_url))
+    return row["id"]
+
+
+async def query(db_url: str, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
+    async with await psycopg.AsyncConnection.connect(db_url, row_factory=dict_row, autocommit=True) as conn:
+        return await (await conn.execute(sql, params)).fetchall()
+
+
+async def wait_until(check: Callable[[], Awaitable[Any]], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Polls `check` until it returns something truthy; fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def finished_runs(db_url: str, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+    async def check() -> list[dict[str, Any]] | None:
+        rows = await query(db_url, "select * from assistant_runs where status not in ('queued', 'in_progress')")
+        return rows if len(rows) >= count else None
+
+    return await wait_until(check, timeout, f"{count} finished runs")
+
+
+class NoWakeups:
+    """A wake-up source that never fires (only the sweep finds work)."""
+
+    live = True
+
+    async def run(self, wake: Callable[[], None]) -> None:
+        await asyncio.Event().wait()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, db_url: str, *, wakeups: Any = None,
+                         store: RunStore | None = None) -> AsyncIterator[Worker]:
+    own_store = store is None
+    store = store or await PostgresStore.connect(db_url)
+    async with httpx.AsyncClient() as http:
+        worker = Worker(settings, store, ReplicateClient(http, settings), wakeups or ListenWakeups(db_url))
+        task = asyncio.create_task(worker.run())
+        try:
+            yield worker
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, timeout=30)
+            if own_store:
+                await store.close()

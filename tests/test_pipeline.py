@@ -1,0 +1,240 @@
+"""End to end on the postgres transport: real database, the worker, Replicate answered by the
+local simulator over HTTP with the documented JSON shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+
+from tests.conftest import PROJECT_DIR
+from tests.pipeline_helpers import (
+    NoWakeups,
+    finished_runs,
+    new_user_thread,
+    query,
+    running_worker,
+    say,
+    wait_until,
+    worker_settings,
+)
+from worker.simulator import Fault, ReplicateSimulator
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[ReplicateSimulator]:
+    sim = ReplicateSimulator(latency=0.05, token="r8_test")
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+async def test_chat_message_gets_its_reply_event_and_numbers(db_url: str, simulator: ReplicateSimulator) -> None:
+    user, thread = await new_user_thread(db_url)
+    async with running_worker(worker_settings(simulator.base_url), db_url):
+        first = await say(db_url, user, thread, "Hi there")
+        await finished_runs(db_url, 1)
+        message = await say(db_url, user, thread, "What goes with navy?")
+        await finished_runs(db_url, 2)
+
+    [create1, create2] = simulator.creates
+    assert create2.path == "/v1/models/meta/meta-llama-3-8b-instruct/predictions"
+    assert create2.headers["Authorization"] == "Bearer r8_test" and create2.headers["Prefer"] == "wait=60"
+    sent = create2.body["input"]
+    assert sent["prompt"] == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful, concise assistant.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nYou said: Hi there<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat goes with navy?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert {k: sent[k] for k in ("prompt_template", "max_tokens", "temperature")} == \
+        {"prompt_template": "{prompt}", "max_tokens": 512, "temperature": 0.6}
+
+    [reply] = await query(db_url, "select * from assistant_messages where reply_to = %s", (message,))
+    prediction = simulator.predictions[reply["metadata_json"]["prediction_id"]].to_json(1e12)
+    metrics = prediction["metrics"]
+    assert reply["role"] == "assistant" and reply["content"] == "You said: What goes with navy?"
+    assert reply["user_id"] == user and reply["thread_id"] == thread
+    assert reply["model"] == "meta/meta-llama-3-8b-instruct"
+    assert reply["token_count"] == metrics["output_token_count"] == 6
+    assert reply["latency_ms"] >= 50
+    [event] = await query(db_url, "select * from assistant_inference_events where message_id = %s", (message,))
+    assert (event["status"], event["provider"], event["model"], event["attempt"]) == \
+        ("succeeded", "replicate", "meta/meta-llama-3-8b-instruct", 1)
+    assert event["prediction_id"] == prediction["id"]
+    assert (event["input_tokens"], event["output_tokens"]) == (metrics["input_token_count"], 6)
+    expected_cost = (Decimal("0.05") * metrics["input_token_count"] + Decimal("0.25") * 6) / 1_000_000
+    assert event["cost_estimate_usd"] == expected_cost.quantize(Decimal("0.000001"))
+    assert event["latency_ms"] == reply["latency_ms"]
+    assert first != message
+
+
+async def test_an_image_goes_to_the_vision_model(db_url: str, simulator: ReplicateSimulator) -> None:
+    simulator.latency = 0.4
+    user, thread = await new_user_thread(db_url)
+    async with running_worker(worker_settings(simulator.base_url), db_url):
+        message = await say(db_url, user, thread, "What colour is this scarf?", "https://images.example/scarf.jpg")
+        await finished_runs(db_url, 1)
+    [create] = simulator.creates
+    assert create.path == "/v1/predictions"
+    assert create.body == {"version": "80537f9eead1a5bfa72d5ac6ea6414379be41d4d4f6679fd776e9535d1eb58bb", "input": {
+        "image": "https://images.example/scarf.jpg",
+        "prompt": "You are a helpful, concise assistant.\n\nWhat colour is this scarf?",
+        "max_tokens": 512, "temperature": 0.6}}
+    [reply] = await query(db_url, "select * from assistant_messages where reply_to = %s", (message,))
+    assert reply["model"] == "yorickvp/llava-13b"
+    assert reply["content"] == "You said with an image: What colour is this scarf?"
+    assert reply["metadata_json"]["route"] == "vision" and reply["metadata_json"]["tokens_estimated"] is True
+    [event] = await query(db_url, "select * from assistant_inference_events where message_id = %s", (message,))
+    predict_time = Decimal(str(reply["metadata_json"]["predict_time"]))
+    assert predict_time >= Decimal("0.4")
+    assert event["cost_estimate_usd"] == (predict_time * Decimal("0.000725")).quantize(Decimal("0.000001"))
+
+
+@pytest.mark.parametrize(("fault", "code", "text"), [
+    (Fault("http", status=401), "unauthorized", "the assistant is not configured correctly"),
+    (Fault("http", status=402), "billing_required", "model account needs attention"),
+    (Fault("http", status=422), "invalid_input", "could not be sent to the model"),
+])
+async def test_final_errors_end_the_run_with_a_reply_that_says_so(db_url, simulator, fault, code, text) -> None:
+    simulator.inject(fault)
+    user, thread = await new_user_thread(db_url)
+    async with running_worker(worker_settings(simulator.base_url), db_url):
+        message = await say(db_url, user, thread, "hello")
+        [run] = await finished_runs(db_url, 1)
+    assert (run["status"], run["attempts"], run["last_error_code"]) == ("failed", 1, code)
+    [reply] = await query(db_url, "select content, metadata_json from assistant_messages where reply_to = %s", (message,))
+    assert text in reply["content"] and reply["metadata_json"]["error_code"] == code
+    events = await query(db_url, "select status, error_code from assistant_inference_events")
+    assert events == [{"status": "failed", "error_code": code}]
+    assert len(simulator.creates) == 1
+
+
+@pytest.mark.parametrize(("faults", "attempts"), [
+    ([Fault("failed"), Fault("canceled")], 3),
+    ([Fault("malformed"), Fault("garbage")], 3),
+    # three HTTP tries per attempt (max_http_retries=2): the first attempt uses up its three
+    ([Fault("http", status=503), Fault("http", status=503), Fault("http", status=500), Fault("http", status=500),
+      Fault("http", status=502)], 2),
+], ids=["failed-canceled", "malformed-garbage", "5xx"])
+async def test_transient_errors_are_retried_as_new_attempts(db_url, simulator, faults, attempts) -> None:
+    simulator.inject(*faults)
+    user, thread = await new_user_thread(db_url)
+    settings = worker_settings(simulator.base_url, replicate_max_http_retries=2)
+    async with running_worker(settings, db_url):
+        message = await say(db_url, user, thread, "hello")
+        [run] = await finished_runs(db_url, 1)
+    assert (run["status"], run["attempts"]) == ("completed", attempts)
+    [reply] = await query(db_url, "select content from assistant_messages where reply_to = %s", (message,))
+    assert reply["content"] == "You said: hello"
+    events = await query(db_url, "select attempt, status from assistant_inference_events order by attempt")
+    assert [e["status"] for e in events] == ["failed"] * (attempts - 1) + ["succeeded"]
+
+
+async def test_retries_stop_at_the_attempt_limit(db_url, simulator) -> None:
+    simulator.inject(*[Fault("failed")] * 3)
+    user, thread = await new_user_thread(db_url)
+    async with running_worker(worker_settings(simulator.base_url), db_url):
+        message = await say(db_url, user, thread, "hello")
+        [run] = await finished_runs(db_url, 1)
+    assert (run["status"], run["attempts"], run["last_error_code"]) == ("failed", 3, "model_failed")
+    events = await query(db_url, "select attempt, status, error_code from assistant_inference_events order by attempt")
+    assert [(e["attempt"], e["status"]) for e in events] == [(1, "failed"), (2, "failed"), (3, "failed")]
+    replies = await query(db_url, "select content from assistant_messages where reply_to = %s", (message,))
+    assert len(replies) == 1 and replies[0]["content"].startswith("Sorry, I could not produce a reply")
+
+
+async def test_throttling_within_the_cap_is_absorbed(db_url, simulator) -> None:
+    simulator.inject(Fault("http", status=429, retry_after=0.2, detail="Request was throttled. Your rate limit resets in ~1s."))
+    user, thread = await new_user_thread(db_url)
+    async with running_worker(worker_settings(simulator.base_url), db_url):
+        await say(db_url, user, thread, "hello")
+        [run] = await finished_runs(db_url, 1)
+    assert (run["status"], run["attempts"]) == ("completed", 1)
+    assert len(simulator.creates) == 2
+
+
+async def test_long_throttling_reschedules_the_run_for_when_it_resets(db_url, simulator) -> None:
+    simulator.inject(Fault("http", status=429, detail="Request was throttled. Your rate limit resets in ~1s."))
+    user, thread = await new_user_thread(db_url)
+    settings = worker_settings(simulator.base_url, replicate_max_retry_after_seconds=0.5)
+    async with running_worker(settings, db_url):
+        await say(db_url, user, thread, "hello")
+        [run] = await finished_runs(db_url, 1)
+    assert (run["status"], run["attempts"]) == ("completed", 2)
+    events = await query(db_url, "select status, error_code from assistant_inference_events order by attempt")
+    assert events == [{"status": "failed", "error_code": "rate_limited"}, {"status": "succeeded", "error_code": None}]
+
+
+async def test_a_missed_wakeup_is_answered_by_the_sweep(db_url, simulator) -> None:
+    user, thread = await new_user_thread(db_url)
+    settings = worker_settings(simulator.base_url, worker_sweep_interval_seconds=0.3)
+    async with running_worker(settings, db_url, wakeups=NoWakeups()):
+        await say(db_url, user, thread, "anyone?")
+        [run] = await finished_runs(db_url, 1)
+    assert run["status"] == "completed"
+
+
+async def test_work_waiting_before_start_is_found(db_url, simulator) -> None:
+    user, thread = await new_user_thread(db_url)
+    for i in range(5):
+        await say(db_url, user, thread, f"queued {i}")
+    async with running_worker(worker_settings(simulator.base_url), db_url, wakeups=NoWakeups()):
+        runs = await finished_runs(db_url, 5)
+    assert {r["status"] for r in runs} == {"completed"}
+
+
+async def test_two_workers_on_one_backlog_answer_each_message_once(db_url, simulator) -> None:
+    users = [await new_user_thread(db_url) for _ in range(4)]
+    for i in range(15):
+        for user, thread in users:
+            await say(db_url, user, thread, f"message {i}")
+    a = worker_settings(simulator.base_url, worker_id="worker-a", worker_concurrency=4, worker_claim_batch=2)
+    b = worker_settings(simulator.base_url, worker_id="worker-b", worker_concurrency=4, worker_claim_batch=2)
+    async with running_worker(a, db_url) as first, running_worker(b, db_url) as second:
+        runs = await finished_runs(db_url, 60, timeout=60)
+    assert {r["status"] for r in runs} == {"completed"} and len(runs) == 60
+    replies = await query(db_url, "select reply_to, count(*) from assistant_messages where role = 'assistant' group by reply_to")
+    assert len(replies) == 60 and {r["count"] for r in replies} == {1}
+    assert len(simulator.creates) == 60
+    assert first.counts["completed"] + second.counts["completed"] == 60
+
+
+async def test_shutdown_past_the_grace_period_releases_the_run_and_cancels_the_prediction(db_url, simulator) -> None:
+    simulator.latency = 30
+    user, thread = await new_user_thread(db_url)
+    settings = worker_settings(simulator.base_url, worker_shutdown_grace_seconds=0.2, replicate_prefer_wait_seconds=1)
+    async with running_worker(settings, db_url) as worker:
+        await say(db_url, user, thread, "slow one")
+        # The worker knows the prediction's id once the create returned and it polls.
+        polls = lambda: asyncio.sleep(0, [r for r in simulator.requests if r.method == "GET"])  # noqa: E731
+        await wait_until(polls, what="a poll of the prediction")
+    assert worker.counts["released"] == 1
+    [run] = await query(db_url, "select status, attempts, lease_owner from assistant_runs")
+    assert run == {"status": "queued", "attempts": 0, "lease_owner": None}
+    [prediction] = simulator.predictions.values()
+    assert prediction.canceled_at is not None
+
+
+async def test_graceful_shutdown_finishes_work_in_flight(db_url, simulator) -> None:
+    simulator.latency = 0.5
+    user, thread = await new_user_thread(db_url)
+    async with running_worker(worker_settings(simulator.base_url), db_url) as worker:
+        await say(db_url, user, thread, "finish me")
+        await wait_until(lambda: asyncio.sleep(0, worker.inflight), what="a run in flight")
+    [run] = await query(db_url, "select status from assistant_runs")
+    assert run["status"] == "completed"
+
+
+def test_a_bad_setting_stops_start_up_with_one_line() -> None:
+    env = {**os.environ, "WORKER_CONCURRENCY": "many", "REPLICATE_API_TOKEN": "x"}
+    result = subprocess.run([sys.executable, "-m", "worker", "run"], cwd=PROJECT_DIR, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "invalid configuration: WORKER_CONCURRENCY: Input should be a valid integer, unable to parse string as an integer"]
