@@ -33,8 +33,7 @@ async def open_transport(settings: Settings, database_url: str | None = None) ->
         assert settings.supabase_url and settings.supabase_service_role_key
         key = settings.supabase_service_role_key.get_secret_value()
         client = await acreate_client(settings.supabase_url, key,
-                                      options=AsyncClientOptions(postgrest_client_timeout=30, auto_refresh_token=False,
-                                                                 persist_session=False))
+                                      options=AsyncClientOptions(auto_refresh_token=False, persist_session=False))
         return Transport(PostgrestStore(client), RealtimeWakeups(settings.supabase_url, key))
     url = database_url or (settings.database_url.get_secret_value() if settings.database_url else None)
     if url is None:
