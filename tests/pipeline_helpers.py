@@ -26,6 +26,7 @@ def worker_settings(base_url: str, **overrides: Any) -> Settings:
         "replicate_api_token": "r8_test", "replicate_base_url": base_url, "worker_transport": "postgres",
         "worker_sweep_interval_seconds": 3600, "worker_retry_base_seconds": 0.05, "worker_lease_seconds": 30,
         "worker_shutdown_grace_seconds": 5, "replicate_max_retry_after_seconds": 1,
+        "replicate_max_creates_per_minute": 0,
     }
     values.update(overrides)
     return Settings(**values)

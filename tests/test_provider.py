@@ -3,6 +3,7 @@ and their limits, output shapes."""
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import Any
 
@@ -225,3 +226,22 @@ def test_cost_per_token_and_per_second() -> None:
     # llava-13b: $0.000725 per second of predict_time
     assert estimate_cost(DEFAULT_VISION_MODEL, None, None, 2.5) == Decimal("0.001813")
     assert estimate_cost(DEFAULT_VISION_MODEL, None, None, None) is None
+
+
+@respx.mock
+async def test_creates_are_spread_under_replicates_rate_limit() -> None:
+    import time
+
+    sent_at: list[float] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent_at.append(time.monotonic())
+        return httpx.Response(201, json=prediction())
+
+    respx.post(CHAT_URL).mock(side_effect=record)
+    s = settings(replicate_max_creates_per_minute=120)  # a bucket of 2 a second
+    async with httpx.AsyncClient() as http:
+        client = ReplicateClient(http, s)
+        await asyncio.gather(*(client.predict(DEFAULT_CHAT_MODEL, {"prompt": "hi"}) for _ in range(4)))
+    # The bucket lets two through at once; the next two wait for it to drain (0.5 s each).
+    assert sent_at[3] - sent_at[0] >= 0.9

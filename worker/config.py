@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     prediction_timeout_seconds: float = Field(300, gt=0)
     replicate_max_http_retries: int = Field(4, ge=0, le=10)
     replicate_max_retry_after_seconds: float = Field(20, ge=0)
+    # Replicate allows 600 prediction creates a minute; staying under it avoids paying for 429s.
+    # 0 turns the limiter off (benchmarks against the simulator).
+    replicate_max_creates_per_minute: int = Field(600, ge=0)
 
     # The worker.
     worker_id: str = Field(default_factory=_default_worker_id)

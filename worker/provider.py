@@ -18,6 +18,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import httpx
+from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from worker.config import ModelProfile, Settings
@@ -135,6 +136,9 @@ class ReplicateClient:
         self.http = http
         self.settings = settings
         self.base_url = settings.replicate_base_url.rstrip("/")
+        per_minute = settings.replicate_max_creates_per_minute
+        # A leaky bucket of 1/60 of the minute's allowance, so a burst is spread over the minute.
+        self.create_limiter = AsyncLimiter(max(1, per_minute // 60), 1) if per_minute else None
 
     def _headers(self, token: str | None) -> dict[str, str]:
         token = token or (self.settings.replicate_api_token.get_secret_value()
@@ -187,6 +191,8 @@ class ReplicateClient:
         async for attempt in AsyncRetrying(stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
                                            retry=retry_if_exception(transient), wait=wait, reraise=True):
             with attempt:
+                if self.create_limiter is not None:
+                    await self.create_limiter.acquire()
                 return await self._request("POST", url, headers, json=body, timeout=timeout)
         raise AssertionError("unreachable")
 
