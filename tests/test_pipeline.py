@@ -238,3 +238,20 @@ def test_a_bad_setting_stops_start_up_with_one_line() -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "invalid configuration: WORKER_CONCURRENCY: Input should be a valid integer, unable to parse string as an integer"]
+
+
+async def test_terminal_chat_writes_through_rls_and_prints_replies(db_url, simulator) -> None:
+    env = {**os.environ, "DATABASE_URL": db_url, "WORKER_TRANSPORT": "postgres"}
+    async with running_worker(worker_settings(simulator.base_url), db_url):
+        chat = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "chat", "--email", "terminal@example.com", cwd=PROJECT_DIR, env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(chat.communicate(b"Hello from the terminal\n/image https://x.example/a.png What is it?\n"),
+                                          timeout=60)
+    lines = out.decode().splitlines()
+    assert chat.returncode == 0, err.decode()
+    assert lines[0].startswith("signed in as terminal@example.com")
+    assert lines[1:] == ["assistant> You said: Hello from the terminal", "assistant> You said with an image: What is it?"]
+    rows = await query(db_url, "select m.role, m.user_id = u.id as own from assistant_messages m, auth.users u"
+                               " where u.email = 'terminal@example.com' order by m.created_at")
+    assert [r["role"] for r in rows] == ["user", "assistant", "user", "assistant"] and all(r["own"] for r in rows)
