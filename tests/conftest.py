@@ -4,14 +4,18 @@ and fresh copies of it for the tests that write."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from tests import postgrest
+from tests.postgrest import create_user, request
 from worker import migrations
 from worker.localdb import LocalDatabase
+from worker.simulator import ReplicateSimulator
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 TEMPLATE = "migrated_template"
@@ -44,3 +48,31 @@ def conn(db_url: str) -> Iterator[psycopg.Connection]:
     """A superuser connection in autocommit mode (the test opens transactions itself)."""
     with psycopg.connect(db_url, autocommit=True) as connection:
         yield connection
+
+
+@pytest.fixture
+def owner(conn: psycopg.Connection) -> uuid.UUID:
+    """A signed-up user."""
+    return create_user(conn, email="owner@example.com")
+
+
+@pytest.fixture
+def thread(conn: psycopg.Connection, owner: uuid.UUID) -> uuid.UUID:
+    """A thread of `owner`."""
+    return conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (owner,)).fetchone()[0]
+
+
+def user_message(conn: psycopg.Connection, owner: uuid.UUID, thread: uuid.UUID, content: str = "hello") -> uuid.UUID:
+    """`owner` writes a message into `thread` through RLS, as an app does."""
+    with request(conn, postgrest.user("owner", owner), commit=True) as cur:
+        return cur.execute("insert into assistant_messages (thread_id, role, content) values (%s, 'user', %s) returning id",
+                           (thread, content)).fetchone()[0]
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[ReplicateSimulator]:
+    """The Replicate simulator on loopback, accepting the token `r8_test`."""
+    sim = ReplicateSimulator(latency=0.05, token="r8_test")
+    await sim.start()
+    yield sim
+    await sim.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,6 +13,7 @@ import httpx
 import psycopg
 from psycopg.rows import dict_row
 
+from worker import chat
 from worker.config import Settings
 from worker.pipeline import Worker
 from worker.provider import ReplicateClient
@@ -34,13 +34,8 @@ def worker_settings(base_url: str, **overrides: Any) -> Settings:
 
 async def as_user(db_url: str, user_id: uuid.UUID, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
     """One PostgREST-style request as a signed-in user."""
-    async with await psycopg.AsyncConnection.connect(db_url, row_factory=dict_row) as conn:
-        async with conn.transaction():
-            await conn.execute("set local role authenticated")
-            await conn.execute("select set_config('request.jwt.claims', %s, true)",
-                               (json.dumps({"sub": str(user_id), "role": "authenticated"}),))
-            cursor = await conn.execute(sql, params)
-            return await cursor.fetchall() if cursor.description else []
+    async with await psycopg.AsyncConnection.connect(db_url, row_factory=dict_row, autocommit=True) as conn:
+        return await chat.as_user(conn, user_id, sql, params)
 
 
 async def new_user_thread(db_url: str) -> tuple[uuid.UUID, uuid.UUID]:

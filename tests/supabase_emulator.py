@@ -196,7 +196,7 @@ class SupabaseEmulator:
                         f"Searched for the function public.{fn} with parameters {', '.join(names)}, but no matches were found in the schema cache."),
                         status=404)
                 returns_set, returns_void, arg_names, arg_types, composite = match[0]
-                types = dict(zip(arg_names, arg_types))
+                types = dict(zip(arg_names, arg_types, strict=False))  # OUT args have names but no types
                 call = sql.SQL("public.{}({})").format(sql.Identifier(fn), sql.SQL(", ").join(
                     sql.SQL("{} => {}::{}").format(sql.Identifier(n), sql.Placeholder(n), sql.SQL(types[n])) for n in names))
                 params = {n: (json.dumps(args[n]) if types[n] in ("jsonb", "json") or isinstance(args[n], (dict, list))

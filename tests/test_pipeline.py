@@ -7,7 +7,6 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
@@ -24,14 +23,6 @@ from tests.pipeline_helpers import (
     worker_settings,
 )
 from worker.simulator import Fault, ReplicateSimulator
-
-
-@pytest.fixture
-async def simulator() -> AsyncIterator[ReplicateSimulator]:
-    sim = ReplicateSimulator(latency=0.05, token="r8_test")
-    await sim.start()
-    yield sim
-    await sim.stop()
 
 
 async def test_chat_message_gets_its_reply_event_and_numbers(db_url: str, simulator: ReplicateSimulator) -> None:

@@ -11,25 +11,10 @@ import psycopg.errors
 import pytest
 
 from tests import postgrest
-from tests.postgrest import create_user, request
+from tests.conftest import user_message as say
+from tests.postgrest import request
 
 MODEL = "meta/meta-llama-3-8b-instruct"
-
-
-@pytest.fixture
-def owner(conn: psycopg.Connection) -> uuid.UUID:
-    return create_user(conn, email="owner@example.com")
-
-
-@pytest.fixture
-def thread(conn: psycopg.Connection, owner: uuid.UUID) -> uuid.UUID:
-    return conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (owner,)).fetchone()[0]
-
-
-def say(conn: psycopg.Connection, owner: uuid.UUID, thread: uuid.UUID, content: str = "hello") -> uuid.UUID:
-    with request(conn, postgrest.user("owner", owner), commit=True) as cur:
-        return cur.execute("insert into assistant_messages (thread_id, role, content) values (%s, 'user', %s) returning id",
-                           (thread, content)).fetchone()[0]
 
 
 def claim(conn: psycopg.Connection, worker: str = "w1", limit: int = 10, lease: int = 60) -> list[dict]:

@@ -10,23 +10,8 @@ import psycopg.errors
 import pytest
 
 from tests import postgrest
+from tests.conftest import user_message
 from tests.postgrest import create_user, request
-
-
-@pytest.fixture
-def owner(conn: psycopg.Connection) -> uuid.UUID:
-    return create_user(conn, email="owner@example.com")
-
-
-@pytest.fixture
-def thread(conn: psycopg.Connection, owner: uuid.UUID) -> uuid.UUID:
-    return conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (owner,)).fetchone()[0]
-
-
-def user_message(conn: psycopg.Connection, owner: uuid.UUID, thread: uuid.UUID, content: str = "hello") -> uuid.UUID:
-    with request(conn, postgrest.user("owner", owner), commit=True) as cur:
-        return cur.execute("insert into assistant_messages (thread_id, role, content) values (%s, 'user', %s) returning id",
-                           (thread, content)).fetchone()[0]
 
 
 def reply(conn: psycopg.Connection, thread: uuid.UUID, to: uuid.UUID, content: str = "hi") -> uuid.UUID:

@@ -22,14 +22,6 @@ from worker.wakeups import RealtimeWakeups
 
 
 @pytest.fixture
-async def simulator() -> AsyncIterator[ReplicateSimulator]:
-    sim = ReplicateSimulator(latency=0.02, token="r8_test")
-    await sim.start()
-    yield sim
-    await sim.stop()
-
-
-@pytest.fixture
 async def supabase(db_url: str) -> AsyncIterator[SupabaseEmulator]:
     emulator = SupabaseEmulator(db_url)
     await emulator.start()

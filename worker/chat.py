@@ -9,13 +9,15 @@ import asyncio
 import json
 import sys
 import uuid
+from typing import Any
 
 import psycopg
 
 REPLY_TIMEOUT_SECONDS = 300
 
 
-async def _as_user(conn: psycopg.AsyncConnection, user_id: uuid.UUID, sql: str, params: tuple) -> list[tuple]:
+async def as_user(conn: psycopg.AsyncConnection, user_id: uuid.UUID, sql: str, params: tuple = ()) -> list[Any]:
+    """One request as a signed-in user, run the way PostgREST runs it."""
     async with conn.transaction():
         await conn.execute("set local role authenticated")
         await conn.execute("select set_config('request.jwt.claims', %s, true)",
@@ -37,7 +39,7 @@ async def sign_in(conn: psycopg.AsyncConnection, email: str) -> uuid.UUID:
 async def wait_for_reply(conn: psycopg.AsyncConnection, user_id: uuid.UUID, message_id: uuid.UUID) -> str | None:
     delay = 0.05
     for _ in range(int(REPLY_TIMEOUT_SECONDS / 0.05)):
-        rows = await _as_user(conn, user_id, "select content from assistant_messages where reply_to = %s", (message_id,))
+        rows = await as_user(conn, user_id, "select content from assistant_messages where reply_to = %s", (message_id,))
         if rows:
             return rows[0][0]
         await asyncio.sleep(delay)
@@ -48,7 +50,7 @@ async def wait_for_reply(conn: psycopg.AsyncConnection, user_id: uuid.UUID, mess
 async def chat(url: str, email: str) -> int:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         user_id = await sign_in(conn, email)
-        [(thread_id,)] = await _as_user(conn, user_id,
+        [(thread_id,)] = await as_user(conn, user_id,
                                         "insert into assistant_threads (title) values ('Terminal chat') returning id", ())
         print(f"signed in as {email}; new thread {thread_id}. Type a message, /image URL text, or Ctrl-D to quit.")
         while True:
@@ -63,7 +65,7 @@ async def chat(url: str, email: str) -> int:
                 _, image, *rest = line.split(" ", 2)
                 line = rest[0] if rest else "What is in this picture?"
             try:
-                [(message_id,)] = await _as_user(
+                [(message_id,)] = await as_user(
                     conn, user_id,
                     "insert into assistant_messages (thread_id, role, content, image_url) values (%s, 'user', %s, %s) returning id",
                     (thread_id, line, image))

@@ -221,22 +221,25 @@ class ReplicateSimulator:
         headers = {"Preference-Applied": request.headers["Prefer"]} if prefer else None
         return web.json_response(prediction.to_json(time.time()), status=201, headers=headers)
 
-    async def _get(self, request: web.Request) -> web.StreamResponse:
+    async def _prediction(self, request: web.Request) -> SimPrediction | web.Response:
         _, refusal = await self._record(request)
         if refusal:
             return refusal
         prediction = self.predictions.get(request.match_info["id"])
         if prediction is None:
             return self._problem(404, "Not found", "The requested resource could not be found.")
+        return prediction
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        prediction = await self._prediction(request)
+        if isinstance(prediction, web.Response):
+            return prediction
         return web.json_response(prediction.to_json(time.time()))
 
     async def _cancel(self, request: web.Request) -> web.StreamResponse:
-        _, refusal = await self._record(request)
-        if refusal:
-            return refusal
-        prediction = self.predictions.get(request.match_info["id"])
-        if prediction is None:
-            return self._problem(404, "Not found", "The requested resource could not be found.")
+        prediction = await self._prediction(request)
+        if isinstance(prediction, web.Response):
+            return prediction
         now = time.time()
         if prediction.status(now) in ("starting", "processing"):
             prediction.canceled_at = now

@@ -70,52 +70,59 @@ class RealtimeWakeups:
         self.rebuilds = 0
 
     async def run(self, wake: Wake) -> None:
-        from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
-
         backoff = 0.5
         while True:
-            client = AsyncRealtimeClient(self.realtime_url, token=self.key, **self.realtime_options)
-            closed = asyncio.Event()
-
-            def on_insert(payload: Any) -> None:
-                wake()
-
-            def on_system(payload: Any) -> None:
-                # The join reply only means the channel exists; changes flow once the server says
-                # "Subscribed to PostgreSQL". Anything committed before that is found by the sweep.
-                if getattr(payload, "extension", None) == "postgres_changes" and getattr(payload, "status", None) == "ok":
-                    if not self.live:
-                        log.info("subscribed", extra={"event": "wakeups.live", "transport": "supabase"})
-                    self.live = True
-                    wake()
-
-            def on_state(state: Any, error: Exception | None) -> None:
-                if state != RealtimeSubscribeStates.SUBSCRIBED:
-                    self.live = False
-                    log.warning("realtime channel %s", state, extra={"event": "wakeups.channel_state",
-                                                                     "state": str(state), "error": str(error)[:200]})
-                if state == RealtimeSubscribeStates.CLOSED:
-                    closed.set()
-
             try:
-                channel = client.channel(self.TOPIC)
-                channel.on_postgres_changes("INSERT", on_insert, table="assistant_messages", schema="public",
-                                            filter="role=eq.user")
-                channel.on_system(on_system)
-                await channel.subscribe(on_state)
-                backoff = 0.5
-                await self._watch(client, channel, closed)
+                if await self._session(wake):
+                    backoff = 0.5
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection refused, handshake failed, protocol error
                 log.warning("realtime connection failed", extra={"event": "wakeups.lost", "error": str(exc)[:200]})
-            finally:
-                self.live = False
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.close(), timeout=2)
             self.rebuilds += 1
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
+
+    async def _session(self, wake: Wake) -> bool:
+        """One client and channel, until they must be rebuilt. True if it had subscribed."""
+        from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
+
+        client = AsyncRealtimeClient(self.realtime_url, token=self.key, **self.realtime_options)
+        closed = asyncio.Event()
+
+        def on_insert(payload: Any) -> None:
+            wake()
+
+        def on_system(payload: Any) -> None:
+            # The join reply only means the channel exists; changes flow once the server says
+            # "Subscribed to PostgreSQL". Anything committed before that is found by the sweep.
+            if getattr(payload, "extension", None) == "postgres_changes" and getattr(payload, "status", None) == "ok":
+                if not self.live:
+                    log.info("subscribed", extra={"event": "wakeups.live", "transport": "supabase"})
+                self.live = True
+                wake()
+
+        def on_state(state: Any, error: Exception | None) -> None:
+            if state != RealtimeSubscribeStates.SUBSCRIBED:
+                self.live = False
+                log.warning("realtime channel %s", state, extra={"event": "wakeups.channel_state",
+                                                                 "state": str(state), "error": str(error)[:200]})
+            if state == RealtimeSubscribeStates.CLOSED:
+                closed.set()
+
+        try:
+            channel = client.channel(self.TOPIC)
+            channel.on_postgres_changes("INSERT", on_insert, table="assistant_messages", schema="public",
+                                        filter="role=eq.user")
+            channel.on_system(on_system)
+            await channel.subscribe(on_state)
+            subscribed = channel.is_joined
+            await self._watch(client, channel, closed)
+            return subscribed
+        finally:
+            self.live = False
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), timeout=2)
 
     async def _watch(self, client: Any, channel: Any, closed: asyncio.Event) -> None:
         """Returns when the client must be rebuilt: the channel was closed by the server, or the
