@@ -17,7 +17,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from worker.config import Settings
 from worker.prompts import ModelRequest, build_request, estimate_tokens
 from worker.provider import Prediction, ProviderError, ReplicateClient, estimate_cost
-from worker.store import ClaimedRun, RunStore, StoreUnavailable
+from worker.store import ClaimedRun, RunGone, RunStore, StoreUnavailable
 
 log = logging.getLogger("worker.pipeline")
 T = TypeVar("T")
@@ -130,6 +130,10 @@ class Worker:
                 await self._fail(run, request, exc)
                 return
             await self._complete(run, request, prediction)
+        except RunGone:
+            # The user deleted the message or thread meanwhile: nothing to answer any more.
+            self.counts["gone"] += 1
+            log.info("run gone", extra={"event": "run.gone", "run_id": str(run.run_id)})
         except asyncio.CancelledError:
             # Shutdown past the grace period: give the run back untouched (the prediction was
             # cancelled at Replicate by the provider).

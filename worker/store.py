@@ -22,6 +22,10 @@ class StoreUnavailable(Exception):
     """The database (or PostgREST in front of it) could not be reached; worth retrying."""
 
 
+class RunGone(Exception):
+    """The run no longer exists: its message or thread was deleted while it was worked on."""
+
+
 @dataclass(frozen=True)
 class ClaimedRun:
     run_id: uuid.UUID
@@ -125,6 +129,8 @@ class PostgresStore(RunStore):
                 found = await cursor.fetchall()
         except (psycopg.OperationalError, PoolTimeout) as exc:  # connection lost, server restarting
             raise StoreUnavailable(str(exc)) from exc
+        except psycopg.errors.NoDataFound as exc:  # P0002 from the functions: no such run
+            raise RunGone(str(exc)) from exc
         return found if rows else found[0]["value"]
 
 
@@ -151,6 +157,8 @@ class PostgrestStore(RunStore):
         except httpx.TransportError as exc:
             raise StoreUnavailable(f"PostgREST unreachable: {exc}") from exc
         except APIError as exc:
+            if exc.code == "P0002":
+                raise RunGone(exc.message or "run not found") from exc
             if str(exc.code or "").startswith(("PGRST00", "08", "57P", "503", "502", "504")):
                 raise StoreUnavailable(f"PostgREST: {exc.message}") from exc
             raise
