@@ -38,10 +38,13 @@ async def as_user(db_url: str, user_id: uuid.UUID, sql: str, params: tuple = ())
         return await chat.as_user(conn, user_id, sql, params)
 
 
-async def new_user_thread(db_url: str) -> tuple[uuid.UUID, uuid.UUID]:
+async def new_user_thread(db_url: str, plan: str | None = "unlimited") -> tuple[uuid.UUID, uuid.UUID]:
+    """A signed-up user (on `plan`; None: the plan sign-up gives) and a thread of theirs."""
     user_id = uuid.uuid4()
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
         await conn.execute("insert into auth.users (id, email) values (%s, %s)", (user_id, f"{user_id}@example.com"))
+        if plan is not None:
+            await conn.execute("update user_ai_settings set plan_id = %s where user_id = %s", (plan, user_id))
     [row] = await as_user(db_url, user_id, "insert into assistant_threads (title) values ('t') returning id")
     return user_id, row["id"]
 

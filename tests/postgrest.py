@@ -53,11 +53,15 @@ def request(conn: psycopg.Connection, actor: Actor, *, commit: bool = False) -> 
         yield conn.cursor()
 
 
-def create_user(conn: psycopg.Connection, *, email: str | None = None, is_anonymous: bool = False) -> uuid.UUID:
-    """A row in auth.users, as Supabase Auth would create on sign-up (or anonymous sign-in)."""
+def create_user(conn: psycopg.Connection, *, email: str | None = None, is_anonymous: bool = False,
+                plan: str | None = "unlimited") -> uuid.UUID:
+    """A row in auth.users, as Supabase Auth would create on sign-up (or anonymous sign-in).
+    `plan` moves the user from the plan the sign-up trigger chose (None: keep that one)."""
     user_id = uuid.uuid4()
     conn.execute(
         "insert into auth.users (id, aud, role, email, is_anonymous) values (%s, 'authenticated', 'authenticated', %s, %s)",
         (user_id, email, is_anonymous),
     )
+    if plan is not None:
+        conn.execute("update user_ai_settings set plan_id = %s where user_id = %s", (plan, user_id))
     return user_id

@@ -95,6 +95,24 @@ class Settings(BaseSettings):
     worker_retry_max_seconds: float = Field(300, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # Bring your own key, where Supabase Vault is absent: the Fernet key the worker encrypts users'
+    # Replicate tokens with (`python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"`).
+    byok_encryption_key: SecretStr | None = None
+    # Operator reports (materialized views) are refreshed this often by the worker; 0: never.
+    usage_report_refresh_seconds: float = Field(300, ge=0)
+
+    @field_validator("byok_encryption_key")
+    @classmethod
+    def _fernet_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from cryptography.fernet import Fernet
+
+            try:
+                Fernet(value.get_secret_value().encode())
+            except ValueError:
+                raise ValueError("must be a Fernet key: 32 url-safe base64-encoded bytes") from None
+        return value
+
     @field_validator("supabase_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:

@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
+from worker.byok import UserTokens
 from worker.config import Settings
 from worker.prompts import ModelRequest, build_request, estimate_tokens
 from worker.provider import Prediction, ProviderError, ReplicateClient, estimate_cost
@@ -40,6 +41,7 @@ class Worker:
         self.peak_inflight = 0
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self.user_tokens = UserTokens(store, settings.byok_encryption_key)
 
     # -- the loop -------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -52,14 +54,16 @@ class Worker:
     async def run(self) -> None:
         """Until stop(): claim and process; then drain within the shutdown grace period."""
         wakeups = asyncio.create_task(self.wakeups.run(self.wake), name="wakeups")
+        maintenance = asyncio.create_task(self._maintenance(), name="maintenance")
         log.info("worker started", extra={"event": "worker.started", "worker_id": self.settings.worker_id,
                                           "concurrency": self.settings.worker_concurrency})
         try:
             await self._claim_loop()
         finally:
-            wakeups.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await wakeups
+            for task in (wakeups, maintenance):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             await self._drain()
             log.info("worker stopped", extra={"event": "worker.stopped", "counts": dict(self.counts)})
 
@@ -72,7 +76,9 @@ class Worker:
             if free > 0:
                 batch = min(free, self.settings.worker_claim_batch)
                 try:
-                    runs = await self.store.claim(self.settings.worker_id, batch, self.settings.worker_lease_seconds)
+                    runs = await self.store.claim(self.settings.worker_id, batch, self.settings.worker_lease_seconds,
+                                                  chat_model=self.settings.chat_model.slug,
+                                                  vision_model=self.settings.vision_model.slug)
                     backoff = 0.2
                 except Exception as exc:  # the database is away: keep trying, never exit
                     self.counts["claim_errors"] += 1
@@ -87,6 +93,21 @@ class Worker:
                 continue
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.worker_sweep_interval_seconds)
+
+    async def _maintenance(self) -> None:
+        """Background upkeep: encrypt BYOK tokens set without Vault; refresh operator reports."""
+        refresh_every = self.settings.usage_report_refresh_seconds
+        last_refresh = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await self.user_tokens.encrypt_pending()
+                if refresh_every and loop.time() - last_refresh >= refresh_every:
+                    await self.store.refresh_usage_reports()
+                    last_refresh = loop.time()
+            except Exception as exc:
+                log.warning("maintenance failed", extra={"event": "maintenance.failed", "error": str(exc)[:200]})
+            await asyncio.sleep(min(self.settings.worker_sweep_interval_seconds, refresh_every or 60))
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -125,8 +146,12 @@ class Worker:
         try:
             request = build_request(self.settings, run.history, run.content, run.image_url)
             try:
-                prediction = await self.provider.predict(request.model, request.input)
+                token = await self.user_tokens.token_for(run.user_id) if run.uses_own_key else None
+                prediction = await self.provider.predict(request.model, request.input, token)
             except ProviderError as exc:
+                if run.uses_own_key and exc.code in ("unauthorized", "billing_required"):
+                    # The user's own account answered: say so, not "the assistant is misconfigured".
+                    exc.code = "byok_token_invalid" if exc.code == "unauthorized" else "byok_billing_required"
                 await self._fail(run, request, exc)
                 return
             await self._complete(run, request, prediction)

@@ -37,6 +37,8 @@ class ClaimedRun:
     content: str
     image_url: str | None
     history: list[dict[str, Any]]
+    plan_id: str = "free"
+    uses_own_key: bool = False
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ClaimedRun:
@@ -45,6 +47,7 @@ class ClaimedRun:
             thread_id=uuid.UUID(str(row["thread_id"])), user_id=uuid.UUID(str(row["user_id"])),
             attempt=int(row["attempt"]), max_attempts=int(row["max_attempts"]), content=row["content"],
             image_url=row["image_url"], history=list(row["history"] or []),
+            plan_id=row.get("plan_id") or "free", uses_own_key=bool(row.get("uses_own_key")),
         )
 
 
@@ -64,9 +67,12 @@ class RunStore(ABC):
     async def close(self) -> None:  # noqa: B027 - optional for transports
         pass
 
-    async def claim(self, worker: str, limit: int, lease_seconds: int) -> list[ClaimedRun]:
-        found = await self.call("claim_runs", {"p_worker": worker, "p_limit": limit, "p_lease_seconds": lease_seconds},
-                                rows=True)
+    async def claim(self, worker: str, limit: int, lease_seconds: int, *, chat_model: str | None = None,
+                    vision_model: str | None = None) -> list[ClaimedRun]:
+        """Claims due runs; runs refused by their user's plan end as blocked in the database and
+        are not returned (the models name where they would have gone, for their events)."""
+        found = await self.call("claim_runs", {"p_worker": worker, "p_limit": limit, "p_lease_seconds": lease_seconds,
+                                               "p_chat_model": chat_model, "p_vision_model": vision_model}, rows=True)
         return [ClaimedRun.from_row(row) for row in found]
 
     async def complete(self, run: ClaimedRun, *, content: str, model: str, prediction_id: str | None,
@@ -94,6 +100,20 @@ class RunStore(ABC):
     async def extend_lease(self, run: ClaimedRun, worker: str, lease_seconds: int) -> bool:
         return bool(await self.call("extend_lease", {"p_run_id": run.run_id, "p_worker": worker,
                                                      "p_attempt": run.attempt, "p_lease_seconds": lease_seconds}))
+
+    async def replicate_token(self, user_id: uuid.UUID) -> dict[str, Any] | None:
+        """A BYOK user's stored token (see get_replicate_token in the migrations)."""
+        return await self.call("get_replicate_token", {"p_user_id": user_id})
+
+    async def pending_replicate_tokens(self) -> list[dict[str, Any]]:
+        return await self.call("pending_replicate_tokens", {"p_limit": 100}, rows=True)
+
+    async def store_encrypted_replicate_token(self, user_id: uuid.UUID, version: int, ciphertext: str) -> bool:
+        return bool(await self.call("store_encrypted_replicate_token",
+                                    {"p_user_id": user_id, "p_version": version, "p_ciphertext": ciphertext}))
+
+    async def refresh_usage_reports(self) -> None:
+        await self.call("refresh_ai_usage_reports", {})
 
     async def queue_status(self) -> QueueStatus:
         [row] = await self.call("run_queue_status", {}, rows=True)

@@ -88,6 +88,7 @@ create table public.assistant_runs (
   next_attempt_at timestamptz not null default now(),
   lease_owner text null,
   lease_expires_at timestamptz null,
+  admitted_at timestamptz null,
   last_error_code text null,
   last_error text null,
   created_at timestamptz not null default now(),

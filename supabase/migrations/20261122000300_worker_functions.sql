@@ -18,6 +18,10 @@ as $$
     when 'invalid_input' then 'the request could not be sent to the model.'
     when 'lease_expired' then 'the assistant stopped while working on it.'
     when 'model_not_found' then 'the assistant''s model is not available.'
+    when 'byok_token_invalid' then 'Replicate refused your API token; update it in your settings.'
+    when 'byok_billing_required' then 'your Replicate account needs billing attention.'
+    when 'byok_token_missing' then 'your plan uses your own Replicate API token, and none is set.'
+    when 'byok_token_unreadable' then 'your stored Replicate token cannot be read; set it again in your settings.'
     else 'an unexpected error occurred.'
   end || ' Please try again.'
 $$;
@@ -44,15 +48,53 @@ begin
 end
 $$;
 
+-- Ends a run refused at admission: a blocked inference event with the verdict, and a reply that
+-- says which limit was hit and when it resets. Nothing is sent to the model.
+create function public.assistant_finish_blocked(p_run_id uuid, p_verdict jsonb, p_model text)
+returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  run public.assistant_runs;
+  code text := case p_verdict ->> 'reason' when 'limit_reached' then 'quota_exceeded' else p_verdict ->> 'reason' end;
+begin
+  select * into run from public.assistant_runs where id = p_run_id;
+  insert into public.assistant_messages (thread_id, user_id, role, content, reply_to, metadata_json)
+  values (run.thread_id, run.user_id, 'assistant', public.ai_refusal_text(p_verdict), run.message_id,
+          jsonb_build_object('error_code', code, 'blocked', true, 'limit', p_verdict))
+  on conflict (reply_to) do nothing;
+  insert into public.assistant_inference_events
+    (user_id, thread_id, message_id, run_id, attempt, provider, model, status, error_code, safety_flags_json)
+  values (run.user_id, run.thread_id, run.message_id, run.id, greatest(run.attempts, 1), 'replicate',
+          coalesce(p_model, 'unrouted'), 'blocked', code, jsonb_build_object('admission', p_verdict))
+  on conflict (run_id, attempt) where run_id is not null do nothing;
+  update public.assistant_runs
+     set status = 'blocked', lease_owner = null, lease_expires_at = null, finished_at = now(),
+         last_error_code = code, last_error = public.ai_refusal_text(p_verdict)
+   where id = p_run_id;
+end
+$$;
+
 -------------------------------------------------------------------------------------------------
 -- claim_runs: take up to p_limit due runs for p_worker, with a lease of p_lease_seconds.
 -- A run is due when queued and its next attempt time has come, or in progress with an expired
 -- lease (its worker died). SKIP LOCKED lets any number of workers claim side by side. Each claim
 -- counts an attempt; a run whose lease expired on its last attempt is failed instead.
--- Returns what the worker needs to build the model input, in the same round trip: the message
--- and up to 50 earlier messages of its thread (oldest first, failure notices left out).
+-- A run is admitted against its user's plan once, at its first claim (admit_request); a refused
+-- run ends as blocked here and is not returned (p_chat_model / p_vision_model name the model it
+-- would have gone to, for its event).
+-- Returns what the worker needs to build the model input, in the same round trip: the message,
+-- up to 50 earlier messages of its thread (oldest first, failure and refusal notices left out),
+-- and the user's plan.
 -------------------------------------------------------------------------------------------------
-create function public.claim_runs(p_worker text, p_limit integer default 10, p_lease_seconds integer default 120)
+create function public.claim_runs(
+  p_worker text,
+  p_limit integer default 10,
+  p_lease_seconds integer default 120,
+  p_chat_model text default null,
+  p_vision_model text default null
+)
 returns table (
   run_id uuid,
   message_id uuid,
@@ -63,13 +105,18 @@ returns table (
   content text,
   image_url text,
   message_created_at timestamptz,
-  history jsonb
+  history jsonb,
+  plan_id text,
+  uses_own_key boolean
 )
 language plpgsql
 set search_path = ''
 as $$
 declare
   stale uuid;
+  claimed record;
+  verdict jsonb;
+  admitted uuid[] := '{}';
 begin
   if p_limit is null or p_limit < 1 or p_limit > 1000 then
     raise exception 'p_limit must be between 1 and 1000 (got %)', p_limit using errcode = '22023';
@@ -89,34 +136,48 @@ begin
       'the lease of the last attempt expired before the run finished');
   end loop;
 
-  return query
-  -- Two index scans (queued by due time, in progress by lease expiry), each locking only what it
-  -- returns; SKIP LOCKED lets concurrent workers take disjoint runs.
-  with due_queued as (
-    select r.id from public.assistant_runs r
-     where r.status = 'queued' and r.next_attempt_at <= now()
-     order by r.next_attempt_at
-     limit p_limit
-     for update skip locked
-  ), due_expired as (
-    select r.id from public.assistant_runs r
-     where r.status = 'in_progress' and r.lease_expires_at <= now() and r.attempts < r.max_attempts
-     order by r.lease_expires_at
-     limit p_limit
-     for update skip locked
-  ), due as (
-    select id from due_expired
-    union all
-    select id from due_queued
-    limit p_limit
-  ), claimed as (
+  for claimed in
+    -- Two index scans (queued by due time, in progress by lease expiry), each locking only what
+    -- it returns; SKIP LOCKED lets concurrent workers take disjoint runs.
+    with due_queued as (
+      select r.id from public.assistant_runs r
+       where r.status = 'queued' and r.next_attempt_at <= now()
+       order by r.next_attempt_at
+       limit p_limit
+       for update skip locked
+    ), due_expired as (
+      select r.id from public.assistant_runs r
+       where r.status = 'in_progress' and r.lease_expires_at <= now() and r.attempts < r.max_attempts
+       order by r.lease_expires_at
+       limit p_limit
+       for update skip locked
+    ), due as (
+      select id from due_expired
+      union all
+      select id from due_queued
+      limit p_limit
+    )
     update public.assistant_runs r
        set status = 'in_progress', attempts = r.attempts + 1, lease_owner = p_worker,
            lease_expires_at = now() + make_interval(secs => p_lease_seconds)
       from due where r.id = due.id
-    returning r.id, r.message_id, r.thread_id, r.user_id, r.attempts, r.max_attempts
-  )
-  select c.id, c.message_id, c.thread_id, c.user_id, c.attempts, c.max_attempts,
+    returning r.id, r.user_id, r.admitted_at,
+              (select m.image_url is not null from public.assistant_messages m where m.id = r.message_id) as vision
+  loop
+    if claimed.admitted_at is null then
+      verdict := public.admit_request(claimed.user_id, claimed.vision);
+      if not (verdict ->> 'admitted')::boolean then
+        perform public.assistant_finish_blocked(claimed.id, verdict,
+          case when claimed.vision then p_vision_model else p_chat_model end);
+        continue;
+      end if;
+      update public.assistant_runs set admitted_at = now() where id = claimed.id;
+    end if;
+    admitted := admitted || claimed.id;
+  end loop;
+
+  return query
+  select r.id, r.message_id, r.thread_id, r.user_id, r.attempts, r.max_attempts,
          m.content, m.image_url, m.created_at,
          coalesce((
            select jsonb_agg(jsonb_build_object('role', h.role, 'content', h.content, 'image_url', h.image_url)
@@ -124,15 +185,18 @@ begin
              from (
                select e.role, e.content, e.image_url, e.created_at, e.id
                  from public.assistant_messages e
-                where e.thread_id = c.thread_id
+                where e.thread_id = r.thread_id
                   and (e.created_at, e.id) < (m.created_at, m.id)
                   and not (e.metadata_json ? 'error_code')
                 order by e.created_at desc, e.id desc
                 limit 50
              ) h
-         ), '[]'::jsonb)
-    from claimed c
-    join public.assistant_messages m on m.id = c.message_id;
+         ), '[]'::jsonb),
+         p.id, p.uses_own_key
+    from public.assistant_runs r
+    join public.assistant_messages m on m.id = r.message_id
+    join public.ai_plans p on p.id = public.ai_plan_of(r.user_id)
+   where r.id = any(admitted);
 end
 $$;
 
@@ -197,6 +261,10 @@ begin
     (run.user_id, run.thread_id, run.message_id, run.id, p_attempt, p_provider, p_model, p_prediction_id,
      'succeeded', p_latency_ms, p_input_tokens, p_output_tokens, p_cost_usd)
   on conflict (run_id, attempt) where run_id is not null do nothing;
+
+  -- Tokens and cost count against the user's limits once: this branch runs once per run.
+  perform public.ai_usage_add(run.user_id, jsonb_build_object(
+    'tokens', coalesce(p_input_tokens, 0) + coalesce(p_output_tokens, 0), 'cost_usd', coalesce(p_cost_usd, 0)));
 
   update public.assistant_runs
      set status = 'completed', lease_owner = null, lease_expires_at = null, finished_at = now()
@@ -318,7 +386,8 @@ $$;
 -- Only the worker (service role) calls these; PostgREST exposes nothing else of them.
 revoke execute on function
   public.assistant_finish_failed(uuid, text, text),
-  public.claim_runs(text, integer, integer),
+  public.assistant_finish_blocked(uuid, jsonb, text),
+  public.claim_runs(text, integer, integer, text, text),
   public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer, jsonb),
   public.fail_attempt(uuid, integer, text, text, boolean, double precision, text, text, text, integer),
   public.release_run(uuid, text, integer),
@@ -327,7 +396,8 @@ revoke execute on function
   from public, anon, authenticated;
 grant execute on function
   public.assistant_finish_failed(uuid, text, text),
-  public.claim_runs(text, integer, integer),
+  public.assistant_finish_blocked(uuid, jsonb, text),
+  public.claim_runs(text, integer, integer, text, text),
   public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer, jsonb),
   public.fail_attempt(uuid, integer, text, text, boolean, double precision, text, text, text, integer),
   public.release_run(uuid, text, integer),
