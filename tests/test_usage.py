@@ -236,3 +236,13 @@ def test_operator_reports_per_day_and_month(conn, owner, thread) -> None:
     assert monthly == (2, Decimal("0.000350"))
     [today] = conn.execute("select replies, cost_usd from ai_usage_today where user_id = %s", (owner,)).fetchall()
     assert today == (2, Decimal("0.000350"))
+
+
+def test_premium_plan_admits_a_hundred_messages_a_day(conn) -> None:
+    user = create_user(conn, plan="premium")
+    admitted = 0
+    for _ in range(3):  # 60 requests an hour, 100 messages a day
+        admitted += admitted_count(conn, user, 70)
+        age_counters(conn, user, "hour")
+    assert admitted == 100
+    assert admit(conn, user)["window"] == "day"
