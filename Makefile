@@ -1,10 +1,13 @@
 # Two commands: `make run` and `make test`. Both create the virtual environment on first use.
+# `make types` regenerates types/database.types.ts from the migrations (see README).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# postgres-meta (the type generator) and its dependencies, as pinned in package-lock.json.
+NODE_STAMP := node_modules/.installed
 
-.PHONY: install run test lint db-up db-down db-reset clean
+.PHONY: install run test lint types db-up db-down db-reset clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,16 +15,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund
+	touch $(NODE_STAMP)
+
 install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/python -m worker run
 
-test: $(STAMP) lint
+test: $(STAMP) $(NODE_STAMP) lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check worker tests
+
+types: $(STAMP) $(NODE_STAMP)
+	$(BIN)/python -m worker.typegen --output types/database.types.ts
 
 db-up: $(STAMP)
 	$(BIN)/python -m worker db up
