@@ -10,10 +10,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import respx
 
 from tests import postgrest
 from tests.postgrest import create_user, request
-from worker import migrations
+from worker import attachments, migrations
 from worker.localdb import LocalDatabase
 from worker.simulator import ReplicateSimulator
 
@@ -79,3 +80,20 @@ async def simulator() -> AsyncIterator[ReplicateSimulator]:
     await sim.start()
     yield sim
     await sim.stop()
+
+
+@pytest.fixture
+def public_images(monkeypatch: pytest.MonkeyPatch) -> Iterator[respx.MockRouter]:
+    """Image hosts `*.example` as the worker would see public ones: resolved to a public address
+    and answering HEAD with an image. Loopback traffic (simulator, emulators) passes through."""
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["93.184.216.34"] if host.endswith(".example") else await real_resolve(host, port)
+
+    real_resolve = attachments.resolve_host
+    monkeypatch.setattr(attachments, "resolve_host", resolve)
+    with respx.mock(assert_all_called=False) as router:
+        router.route(host="127.0.0.1").pass_through()
+        router.head(host__regex=r".*\.example$").respond(200, headers={"content-type": "image/jpeg",
+                                                                          "content-length": "48213"})
+        yield router

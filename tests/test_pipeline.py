@@ -39,7 +39,9 @@ async def test_chat_message_gets_its_reply_event_and_numbers(db_url: str, simula
     assert create2.headers["Authorization"] == "Bearer r8_test" and create2.headers["Prefer"] == "wait=60"
     sent = create2.body["input"]
     assert sent["prompt"] == (
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful, concise assistant.<|eot_id|>"
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful, concise assistant.\n\n"
+        "After your answer, write a line <<follow-ups>> and then up to three short questions the user might ask next,"
+        " one per line.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nYou said: Hi there<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nWhat goes with navy?<|eot_id|>"
@@ -53,20 +55,25 @@ async def test_chat_message_gets_its_reply_event_and_numbers(db_url: str, simula
     assert reply["role"] == "assistant" and reply["content"] == "You said: What goes with navy?"
     assert reply["user_id"] == user and reply["thread_id"] == thread
     assert reply["model"] == "meta/meta-llama-3-8b-instruct"
-    assert reply["token_count"] == metrics["output_token_count"] == 6
+    # The follow-up questions the default assistant asks for are part of the output, not the reply.
+    assert reply["token_count"] == metrics["output_token_count"] == 18
     assert reply["latency_ms"] >= 50
     [event] = await query(db_url, "select * from assistant_inference_events where message_id = %s", (message,))
     assert (event["status"], event["provider"], event["model"], event["attempt"]) == \
         ("succeeded", "replicate", "meta/meta-llama-3-8b-instruct", 1)
     assert event["prediction_id"] == prediction["id"]
-    assert (event["input_tokens"], event["output_tokens"]) == (metrics["input_token_count"], 6)
-    expected_cost = (Decimal("0.05") * metrics["input_token_count"] + Decimal("0.25") * 6) / 1_000_000
+    expected_cost = (Decimal("0.05") * metrics["input_token_count"] + Decimal("0.25") * 18) / 1_000_000
     assert event["cost_estimate_usd"] == expected_cost.quantize(Decimal("0.000001"))
+    assert (event["input_tokens"], event["output_tokens"]) == (metrics["input_token_count"], 18)
+    follow_ups = await query(db_url, "select position, suggestion from assistant_follow_ups where message_id = %s"
+                                     " order by position", (reply["id"],))
+    assert follow_ups == [{"position": 1, "suggestion": "Can you give an example?"},
+                          {"position": 2, "suggestion": "What should I avoid?"}]
     assert event["latency_ms"] == reply["latency_ms"]
     assert first != message
 
 
-async def test_an_image_goes_to_the_vision_model(db_url: str, simulator: ReplicateSimulator) -> None:
+async def test_an_image_goes_to_the_vision_model(db_url: str, simulator: ReplicateSimulator, public_images) -> None:
     simulator.latency = 0.4
     user, thread = await new_user_thread(db_url)
     async with running_worker(worker_settings(simulator.base_url), db_url):
@@ -76,7 +83,8 @@ async def test_an_image_goes_to_the_vision_model(db_url: str, simulator: Replica
     assert create.path == "/v1/predictions"
     assert create.body == {"version": "80537f9eead1a5bfa72d5ac6ea6414379be41d4d4f6679fd776e9535d1eb58bb", "input": {
         "image": "https://images.example/scarf.jpg",
-        "prompt": "You are a helpful, concise assistant.\n\nWhat colour is this scarf?",
+        "prompt": "You are a helpful, concise assistant.\n\nAfter your answer, write a line <<follow-ups>> and then up"
+                  " to three short questions the user might ask next, one per line.\n\nWhat colour is this scarf?",
         "max_tokens": 512, "temperature": 0.6}}
     [reply] = await query(db_url, "select * from assistant_messages where reply_to = %s", (message,))
     assert reply["model"] == "yorickvp/llava-13b"
@@ -232,7 +240,7 @@ def test_a_bad_setting_stops_start_up_with_one_line() -> None:
         "invalid configuration: WORKER_CONCURRENCY: Input should be a valid integer, unable to parse string as an integer"]
 
 
-async def test_terminal_chat_writes_through_rls_and_prints_replies(db_url, simulator) -> None:
+async def test_terminal_chat_writes_through_rls_and_prints_replies(db_url, simulator, public_images) -> None:
     env = {**os.environ, "DATABASE_URL": db_url, "WORKER_TRANSPORT": "postgres"}
     async with running_worker(worker_settings(simulator.base_url), db_url):
         chat = await asyncio.create_subprocess_exec(

@@ -68,7 +68,8 @@ async def test_realtime_insert_wakes_the_worker_and_rpc_writes_the_reply(db_url,
     [join] = supabase.joins
     assert join["topic"] == "realtime:assistant-worker"
     assert join["payload"]["config"]["postgres_changes"] == [
-        {"event": "INSERT", "schema": "public", "table": "assistant_messages", "filter": "role=eq.user"}]
+        {"event": "INSERT", "schema": "public", "table": "assistant_messages", "filter": "role=eq.user"},
+        {"event": "UPDATE", "schema": "public", "table": "assistant_action_requests", "filter": "status=eq.approved"}]
     assert supabase.delivered >= 1
     functions = [c["fn"] for c in supabase.rpc_calls]
     assert "claim_runs" in functions and functions.count("complete_run") == 1

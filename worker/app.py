@@ -8,9 +8,11 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
+from worker.attachments import ImageResolver, Signer, supabase_signer
 from worker.config import Settings
 from worker.pipeline import Worker
 from worker.provider import ReplicateClient
@@ -24,22 +26,29 @@ log = logging.getLogger("worker.app")
 class Transport:
     store: RunStore
     wakeups: ListenWakeups | RealtimeWakeups
+    signer: Signer | None = None  # Supabase Storage, where SUPABASE_URL and the key are set
+
+
+async def supabase_client(settings: Settings) -> Any:
+    from supabase import AsyncClientOptions, acreate_client
+
+    assert settings.supabase_url and settings.supabase_service_role_key
+    return await acreate_client(settings.supabase_url, settings.supabase_service_role_key.get_secret_value(),
+                                options=AsyncClientOptions(auto_refresh_token=False, persist_session=False))
 
 
 async def open_transport(settings: Settings, database_url: str | None = None) -> Transport:
+    client = await supabase_client(settings) if settings.supabase_url and settings.supabase_service_role_key else None
+    signer = supabase_signer(client) if client is not None else None
     if settings.transport == "supabase":
-        from supabase import AsyncClientOptions, acreate_client
-
         assert settings.supabase_url and settings.supabase_service_role_key
         key = settings.supabase_service_role_key.get_secret_value()
-        client = await acreate_client(settings.supabase_url, key,
-                                      options=AsyncClientOptions(auto_refresh_token=False, persist_session=False))
-        return Transport(PostgrestStore(client), RealtimeWakeups(settings.supabase_url, key))
+        return Transport(PostgrestStore(client), RealtimeWakeups(settings.supabase_url, key), signer)
     url = database_url or (settings.database_url.get_secret_value() if settings.database_url else None)
     if url is None:
         raise ValueError("the postgres transport needs DATABASE_URL (or the embedded local database)")
     store = await PostgresStore.connect(url, max_size=min(20, settings.worker_concurrency + 2))
-    return Transport(store, ListenWakeups(url))
+    return Transport(store, ListenWakeups(url), signer)
 
 
 @contextlib.asynccontextmanager
@@ -55,7 +64,8 @@ async def serve(settings: Settings, database_url: str | None = None) -> Worker:
     transport = await open_transport(settings, database_url)
     try:
         async with replicate_http(settings) as http:
-            worker = Worker(settings, transport.store, ReplicateClient(http, settings), transport.wakeups)
+            worker = Worker(settings, transport.store, ReplicateClient(http, settings), transport.wakeups,
+                            images=ImageResolver(settings, transport.store, http, signer=transport.signer))
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, worker.stop)

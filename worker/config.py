@@ -30,7 +30,7 @@ class ModelProfile(BaseModel):
 
     slug: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
     version: str | None = None  # community models are run by version: POST /v1/predictions
-    prompt_format: Literal["llama3", "plain"] = "llama3"
+    prompt_format: Literal["llama3", "plain", "embedding"] = "llama3"
     input: dict[str, Any]
     price: Price = Price()
 
@@ -53,6 +53,18 @@ DEFAULT_VISION_MODEL = ModelProfile(
 )
 
 
+# Embeddings for the knowledge base: 768 dimensions, as kb_chunks.embedding. `$texts` is the
+# batch as a JSON list in a string (the model's `text_batch` input); the output is one embedding
+# per text.
+DEFAULT_EMBEDDING_MODEL = ModelProfile(
+    slug="replicate/all-mpnet-base-v2",
+    version="b6b7585c9640cd7a9572c6e129c9549d79c9c31f0d3fdce7baac7c67ca38f305",
+    prompt_format="embedding",
+    input={"text_batch": "$texts"},
+    price=Price(usd_per_second=Decimal("0.000225")),
+)
+
+
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -71,6 +83,19 @@ class Settings(BaseSettings):
     replicate_base_url: str = "https://api.replicate.com"
     chat_model: ModelProfile = DEFAULT_CHAT_MODEL
     vision_model: ModelProfile = DEFAULT_VISION_MODEL
+    # More models an assistant may name (assistants.chat_model / vision_model), by slug. A slug
+    # with no profile runs with the default profile of its kind under that slug.
+    extra_models: list[ModelProfile] = Field(default_factory=list)
+    embedding_model: ModelProfile = DEFAULT_EMBEDDING_MODEL
+    embedding_dimensions: int = Field(768, ge=1)
+    knowledge_match_threshold: float = Field(0.5, ge=-1, le=1)
+    knowledge_match_count: int = Field(4, ge=1, le=50)
+    knowledge_chunk_chars: int = Field(1200, ge=200, le=8000)
+    knowledge_embed_batch: int = Field(16, ge=1, le=256)
+    profile_prompt_max_chars: int = Field(1500, ge=0)
+    # Images: storage://chat-attachments/<user>/<file> objects, or https URLs on public hosts.
+    image_max_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    image_signed_url_seconds: int = Field(300, ge=10, le=3600)
     system_prompt: str = "You are a helpful, concise assistant."
     max_output_tokens: int = Field(512, ge=1, le=8192)
     temperature: float = Field(0.6, ge=0, le=2)
@@ -122,19 +147,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _transport_has_what_it_needs(self) -> Settings:
-        if self.worker_transport == "supabase" or (self.worker_transport == "auto" and self.supabase_url):
+        if self.transport == "supabase":
             if not self.supabase_url or not self.supabase_service_role_key:
                 raise ValueError("the supabase transport needs SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
-        if self.worker_transport == "postgres" and not self.database_url:
-            # Without DATABASE_URL the postgres transport runs on the embedded local database.
-            pass
         return self
 
     @property
     def transport(self) -> Literal["supabase", "postgres"]:
+        """`auto`: supabase when SUPABASE_URL is set, unless DATABASE_URL is set too (then the
+        database is reached directly and Supabase serves only Storage)."""
         if self.worker_transport != "auto":
             return self.worker_transport
-        return "supabase" if self.supabase_url else "postgres"
+        return "supabase" if self.supabase_url and not self.database_url else "postgres"
 
     @property
     def uses_embedded_database(self) -> bool:

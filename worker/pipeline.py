@@ -14,9 +14,20 @@ from typing import Any, Protocol, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
+from worker.actions import ActionRegistry, default_registry
+from worker.attachments import ImageResolver
 from worker.byok import UserTokens
 from worker.config import Settings
-from worker.prompts import ModelRequest, build_request, estimate_tokens
+from worker.knowledge import Embedder, retrieve
+from worker.prompts import (
+    ActionSpec,
+    Assistant,
+    KnowledgeChunk,
+    ModelRequest,
+    build_request,
+    estimate_tokens,
+    parse_reply,
+)
 from worker.provider import Prediction, ProviderError, ReplicateClient, estimate_cost
 from worker.store import ClaimedRun, RunGone, RunStore, StoreUnavailable
 
@@ -27,24 +38,33 @@ T = TypeVar("T")
 class Wakeups(Protocol):
     live: bool
 
-    async def run(self, wake: Callable[[], None]) -> None: ...
+    async def run(self, wake: Callable[..., None]) -> None: ...
 
 
 class Worker:
-    def __init__(self, settings: Settings, store: RunStore, provider: ReplicateClient, wakeups: Wakeups) -> None:
+    def __init__(self, settings: Settings, store: RunStore, provider: ReplicateClient, wakeups: Wakeups, *,
+                 images: ImageResolver | None = None, actions: ActionRegistry = default_registry) -> None:
         self.settings = settings
         self.store = store
         self.provider = provider
         self.wakeups = wakeups
+        self.images = images or ImageResolver(settings, store, provider.http)
+        self.actions = actions
+        self.embedder = Embedder(provider, settings)
         self.inflight: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self.action_tasks: set[asyncio.Task[str]] = set()
         self.counts: Counter[str] = Counter()
         self.peak_inflight = 0
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._actions_due = True
         self.user_tokens = UserTokens(store, settings.byok_encryption_key)
 
     # -- the loop -------------------------------------------------------------------------------
-    def wake(self) -> None:
+    def wake(self, kind: str = "runs") -> None:
+        """A hint that work may be waiting: "runs" (a user message) or "actions" (an approval)."""
+        if kind == "actions":
+            self._actions_due = True
         self._wake.set()
 
     def stop(self) -> None:
@@ -58,6 +78,7 @@ class Worker:
         log.info("worker started", extra={"event": "worker.started", "worker_id": self.settings.worker_id,
                                           "concurrency": self.settings.worker_concurrency})
         try:
+            await self._store_call(lambda: self.store.call("register_action_types", {"p_types": self.actions.as_rows()}))
             await self._claim_loop()
         finally:
             for task in (wakeups, maintenance):
@@ -89,10 +110,30 @@ class Worker:
                 for run in runs:
                     self._start(run)
                 full_batch = len(runs) == batch
+            if self._actions_due:
+                await self._claim_actions()
             if full_batch:
                 continue
-            with contextlib.suppress(asyncio.TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.worker_sweep_interval_seconds)
+            except asyncio.TimeoutError:
+                self._actions_due = True  # the sweep looks for approved actions too
+
+    async def _claim_actions(self) -> None:
+        """Executes approved action requests (their own small lane, next to the runs)."""
+        self._actions_due = False
+        try:
+            requests = await self.store.call("claim_action_requests", {
+                "p_worker": self.settings.worker_id, "p_limit": 10, "p_lease_seconds": 60}, rows=True)
+        except Exception as exc:
+            self._actions_due = True
+            log.warning("action claim failed", extra={"event": "action.claim_failed", "error": str(exc)[:200]})
+            return
+        for request in requests:
+            task = asyncio.create_task(self.actions.execute(self.store, request))
+            self.action_tasks.add(task)
+            task.add_done_callback(self.action_tasks.discard)
+            self.counts["actions"] += 1
 
     async def _maintenance(self) -> None:
         """Background upkeep: encrypt BYOK tokens set without Vault; refresh operator reports."""
@@ -129,9 +170,9 @@ class Worker:
 
     async def _drain(self) -> None:
         """Stop claiming; let in-flight runs finish within the grace period; release the rest."""
-        if not self.inflight:
+        if not self.inflight and not self.action_tasks:
             return
-        pending = list(self.inflight.values())
+        pending: list[asyncio.Task[Any]] = [*self.inflight.values(), *self.action_tasks]
         log.info("draining", extra={"event": "worker.draining", "in_flight": len(pending)})
         _, still_running = await asyncio.wait(pending, timeout=self.settings.worker_shutdown_grace_seconds)
         for task in still_running:
@@ -144,8 +185,13 @@ class Worker:
         lease = asyncio.create_task(self._keep_lease(run))
         request: ModelRequest | None = None
         try:
-            request = build_request(self.settings, run.history, run.content, run.image_url)
+            assistant = Assistant.from_row(run.assistant, self.settings)
             try:
+                image = await self.images.model_url(run.image_url, run.user_id) if run.image_url else None
+                knowledge, knowledge_error = await self._knowledge(run, assistant)
+                request = build_request(self.settings, run.history, run.content, image, assistant=assistant,
+                                        profile=run.profile, knowledge=knowledge,
+                                        actions=[ActionSpec(t.name, t.description) for t in self.actions.types.values()])
                 token = await self.user_tokens.token_for(run.user_id) if run.uses_own_key else None
                 prediction = await self.provider.predict(request.model, request.input, token)
             except ProviderError as exc:
@@ -154,7 +200,7 @@ class Worker:
                     exc.code = "byok_token_invalid" if exc.code == "unauthorized" else "byok_billing_required"
                 await self._fail(run, request, exc)
                 return
-            await self._complete(run, request, prediction)
+            await self._complete(run, request, prediction, knowledge_error)
         except RunGone:
             # The user deleted the message or thread meanwhile: nothing to answer any more.
             self.counts["gone"] += 1
@@ -173,6 +219,19 @@ class Worker:
                 await self._fail(run, request, error)
         finally:
             lease.cancel()
+
+    async def _knowledge(self, run: ClaimedRun, assistant: Assistant) -> tuple[list[KnowledgeChunk], str | None]:
+        """Retrieved chunks for an assistant with a knowledge base. A failed retrieval does not
+        fail the reply: it is answered without, and the reason is kept in its metadata."""
+        if "knowledge_base" not in assistant.features:
+            return [], None
+        try:
+            return await retrieve(self.store, self.embedder, self.settings, run.content, assistant_id=assistant.id,
+                                  user_id=run.user_id, run_id=run.run_id), None
+        except (ProviderError, StoreUnavailable) as exc:
+            code = exc.code if isinstance(exc, ProviderError) else "store_unavailable"
+            log.warning("retrieval failed", extra={"event": "knowledge.failed", "run_id": str(run.run_id), "error_code": code})
+            return [], code
 
     async def _keep_lease(self, run: ClaimedRun) -> None:
         interval = self.settings.worker_lease_seconds / 3
@@ -195,11 +254,18 @@ class Worker:
                 return await call()
         raise AssertionError("unreachable")
 
-    async def _complete(self, run: ClaimedRun, request: ModelRequest, prediction: Prediction) -> None:
+    async def _complete(self, run: ClaimedRun, request: ModelRequest, prediction: Prediction,
+                        knowledge_error: str | None = None) -> None:
         input_tokens = prediction.input_tokens
         output_tokens = prediction.output_tokens
+        reply = parse_reply(prediction.text)
         metadata: dict[str, Any] = {"route": request.route, "prediction_id": prediction.id,
                                     "history_used": request.history_used}
+        if request.knowledge:
+            metadata["knowledge"] = [{"chunk_id": c.id, "document_id": c.document_id, "source": c.source,
+                                      "similarity": round(c.similarity, 4)} for c in request.knowledge]
+        if knowledge_error:
+            metadata["knowledge_error"] = knowledge_error
         if input_tokens is None or output_tokens is None:
             metadata["tokens_estimated"] = True
             input_tokens = request.prompt_tokens_estimate if input_tokens is None else input_tokens
@@ -208,9 +274,9 @@ class Worker:
             metadata["predict_time"] = prediction.predict_time
         cost = estimate_cost(request.model, input_tokens, output_tokens, prediction.predict_time)
         await self._store_call(lambda: self.store.complete(
-            run, content=prediction.text, model=request.model.slug, prediction_id=prediction.id,
+            run, content=reply.content, model=request.model.slug, prediction_id=prediction.id,
             input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost,
-            latency_ms=prediction.latency_ms, metadata=metadata))
+            latency_ms=prediction.latency_ms, metadata=metadata, follow_ups=reply.follow_ups, actions=reply.actions))
         self.counts["completed"] += 1
         log.info("run completed", extra={"event": "run.completed", "run_id": str(run.run_id),
                                          "message_id": str(run.message_id), "attempt": run.attempt,

@@ -1,18 +1,64 @@
-"""From a claimed run to a model input: history trimmed to a token budget, rendered in the prompt
-format of the routed model, placed into the model's input mapping."""
+"""From a claimed run to a model input: the thread's assistant decides instructions, model and
+sampling; the user's profile and retrieved knowledge join the system prompt; history is trimmed
+to a token budget and rendered in the prompt format of the routed model. After the reply, the
+follow-up suggestions and proposed actions the assistant was asked for are parsed out of it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
-from worker.config import ModelProfile, Settings
+from worker.config import ModelProfile, Price, Settings
+
+FOLLOW_UPS_MARKER = "<<follow-ups>>"
+ACTION_MARKER = "<<action>>"
 
 
 @dataclass(frozen=True)
 class Turn:
     role: str
     content: str
+
+
+@dataclass(frozen=True)
+class Assistant:
+    id: str | None
+    instructions: str
+    chat_model: str | None = None
+    vision_model: str | None = None
+    temperature: float | None = None
+    max_output_tokens: int | None = None
+    context_token_budget: int | None = None
+    features: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any] | None, settings: Settings) -> Assistant:
+        if not row:
+            return cls(None, settings.system_prompt)
+        return cls(
+            id=row.get("id"), instructions=row.get("instructions") or settings.system_prompt,
+            chat_model=row.get("chat_model"), vision_model=row.get("vision_model"),
+            temperature=float(row["temperature"]) if row.get("temperature") is not None else None,
+            max_output_tokens=row.get("max_output_tokens"), context_token_budget=row.get("context_token_budget"),
+            features=frozenset(row.get("features") or ()),
+        )
+
+
+@dataclass(frozen=True)
+class KnowledgeChunk:
+    id: str
+    document_id: str
+    source: str
+    content: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    name: str
+    description: str
 
 
 def estimate_tokens(text: str) -> int:
@@ -45,8 +91,8 @@ def render_llama3(system_prompt: str, history: list[Turn], current: str) -> str:
 
     add("system", system_prompt)
     for turn in history:
-        # Tool results and extra system notes reach the model as context of the turn they follow.
-        role = turn.role if turn.role in ("user", "assistant") else "system" if turn.role == "system" else "ipython"
+        # Tool results reach the model in Llama 3's `ipython` role, system notes as system.
+        role = turn.role if turn.role in ("user", "assistant", "system") else "ipython"
         add(role, turn.content)
     add("user", current)
     parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
@@ -66,6 +112,55 @@ def render_plain(system_prompt: str, history: list[Turn], current: str) -> str:
 RENDERERS = {"llama3": render_llama3, "plain": render_plain}
 
 
+def render_profile(profile: dict[str, Any] | None, max_chars: int) -> str:
+    if not profile or max_chars <= 0:
+        return ""
+    lines = []
+    goals = profile.get("goals") or []
+    if goals:
+        lines.append("Goals: " + "; ".join(str(g) for g in goals))
+    if profile.get("experience_level"):
+        lines.append(f"Experience: {profile['experience_level']}")
+    preferences = profile.get("preferences") or {}
+    if preferences:
+        lines.append("Preferences: " + json.dumps(preferences, ensure_ascii=False, sort_keys=True))
+    text = "\n".join(lines)
+    return text[:max_chars]
+
+
+def compose_system_prompt(settings: Settings, assistant: Assistant, profile: dict[str, Any] | None,
+                          knowledge: list[KnowledgeChunk], actions: list[ActionSpec]) -> str:
+    parts = [assistant.instructions.strip()]
+    if "personalisation" in assistant.features:
+        about = render_profile(profile, settings.profile_prompt_max_chars)
+        if about:
+            parts.append("What the user told us about themselves (use it to tailor your answer):\n" + about)
+    if knowledge:
+        context = "\n\n".join(f"[{chunk.source}]\n{chunk.content.strip()}" for chunk in knowledge)
+        parts.append("Use the following knowledge when it answers the question, and name its source in brackets."
+                     " If it does not help, answer from what you know.\n\n" + context)
+    if "actions" in assistant.features and actions:
+        listed = "\n".join(f"- {a.name}: {a.description}" for a in actions)
+        parts.append("You may propose one action for the user to approve. To do so, end your reply with one line:\n"
+                     f'{ACTION_MARKER} {{"type": "<action>", "payload": {{...}}}}\nAvailable actions:\n{listed}')
+    if "follow_ups" in assistant.features:
+        parts.append(f"After your answer, write a line {FOLLOW_UPS_MARKER} and then up to three short questions the"
+                     " user might ask next, one per line.")
+    return "\n\n".join(parts)
+
+
+def resolve_model(settings: Settings, slug: str | None, route: str) -> ModelProfile:
+    """The profile of the model an assistant names; the configured default when it names none.
+    A slug without a profile runs with the default's input mapping, unpriced."""
+    default = settings.vision_model if route == "vision" else settings.chat_model
+    if not slug or slug == default.slug:
+        return default
+    for profile in settings.extra_models:
+        if profile.slug == slug:
+            return profile
+    return default.model_copy(update={"slug": slug, "version": None, "price": Price()})
+
+
 @dataclass(frozen=True)
 class ModelRequest:
     model: ModelProfile
@@ -73,6 +168,7 @@ class ModelRequest:
     input: dict[str, Any]
     prompt_tokens_estimate: int
     history_used: int
+    knowledge: list[KnowledgeChunk] = field(default_factory=list)
 
 
 def fill_input(template: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -85,17 +181,66 @@ def fill_input(template: dict[str, Any], values: dict[str, Any]) -> dict[str, An
     return filled
 
 
-def build_request(settings: Settings, history: list[dict[str, Any]], content: str, image_url: str | None) -> ModelRequest:
-    """Route (an image goes to the vision model) and render the input for one claimed message."""
-    model, route = (settings.vision_model, "vision") if image_url else (settings.chat_model, "chat")
+def build_request(settings: Settings, history: list[dict[str, Any]], content: str, image_url: str | None, *,
+                  assistant: Assistant | None = None, profile: dict[str, Any] | None = None,
+                  knowledge: list[KnowledgeChunk] | None = None, actions: list[ActionSpec] | None = None
+                  ) -> ModelRequest:
+    """Route (an image goes to the vision model) and render the input for one claimed message.
+    `image_url` is the address the model fetches (already checked and, for Storage, signed)."""
+    assistant = assistant or Assistant(None, settings.system_prompt)
+    route = "vision" if image_url else "chat"
+    model = resolve_model(settings, assistant.vision_model if image_url else assistant.chat_model, route)
+    knowledge = knowledge or []
+    system_prompt = compose_system_prompt(settings, assistant, profile, knowledge, actions or [])
     turns = [Turn(h["role"], h["content"]) for h in history]
-    kept = fit_history(settings.system_prompt, turns, content, settings.context_token_budget)
-    prompt = RENDERERS[model.prompt_format](settings.system_prompt, kept, content)
+    budget = assistant.context_token_budget or settings.context_token_budget
+    kept = fit_history(system_prompt, turns, content, budget)
+    prompt = RENDERERS[model.prompt_format](system_prompt, kept, content)
     values = {
         "prompt": prompt,
-        "system_prompt": settings.system_prompt,
+        "system_prompt": system_prompt,
         "image": image_url,
-        "max_tokens": settings.max_output_tokens,
-        "temperature": settings.temperature,
+        "max_tokens": assistant.max_output_tokens or settings.max_output_tokens,
+        "temperature": assistant.temperature if assistant.temperature is not None else settings.temperature,
     }
-    return ModelRequest(model, route, fill_input(model.input, values), estimate_tokens(prompt), len(kept))
+    return ModelRequest(model, route, fill_input(model.input, values), estimate_tokens(prompt), len(kept), knowledge)
+
+
+@dataclass(frozen=True)
+class ParsedReply:
+    content: str
+    follow_ups: list[str]
+    actions: list[dict[str, Any]]
+
+
+_LIST_PREFIX = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*")
+
+
+def parse_reply(text: str) -> ParsedReply:
+    """Splits the answer from the follow-up and action blocks the assistant was asked to add."""
+    positions = [i for i in (text.find(FOLLOW_UPS_MARKER), text.find(ACTION_MARKER)) if i >= 0]
+    if not positions:
+        return ParsedReply(text.strip(), [], [])
+    answer = text[:min(positions)].strip()
+    follow_ups: list[str] = []
+    actions: list[dict[str, Any]] = []
+    section = None
+    for line in text[min(positions):].splitlines():
+        stripped = line.strip()
+        if stripped.startswith(FOLLOW_UPS_MARKER):
+            section, stripped = "follow_ups", stripped[len(FOLLOW_UPS_MARKER):].strip()
+        elif stripped.startswith(ACTION_MARKER):
+            section = "action"
+            try:
+                proposal = json.loads(stripped[len(ACTION_MARKER):].strip())
+            except ValueError:
+                continue
+            if isinstance(proposal, dict) and isinstance(proposal.get("type"), str):
+                payload = proposal.get("payload", {})
+                actions.append({"type": proposal["type"], "payload": payload if isinstance(payload, dict) else {}})
+            continue
+        if section == "follow_ups" and stripped:
+            question = _LIST_PREFIX.sub("", stripped).strip()
+            if question and len(follow_ups) < 3:
+                follow_ups.append(question[:300])
+    return ParsedReply(answer or text.strip(), follow_ups, actions[:1])

@@ -212,8 +212,10 @@ class ReplicateClient:
         except ProviderError:
             pass  # best effort: the prediction may have ended meanwhile
 
-    async def predict(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None) -> Prediction:
-        """Run one prediction to its end. Raises ProviderError with a normalised code."""
+    async def run(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None
+                  ) -> tuple[dict[str, Any], int]:
+        """Run one prediction until it succeeds: the final prediction object and the latency in
+        ms. Raises ProviderError with a normalised code (a failed or canceled prediction too)."""
         started = time.monotonic()
         prediction = await self.create(model, model_input, token)
         prediction_id = prediction["id"]
@@ -234,12 +236,17 @@ class ReplicateClient:
         except ProviderError as exc:
             exc.prediction_id = exc.prediction_id or prediction_id
             raise
-        latency_ms = int((time.monotonic() - started) * 1000)
         status = prediction["status"]
         if status != "succeeded":
             error = str(prediction.get("error") or f"prediction {status}")[:500]
             raise ProviderError("model_failed", f"prediction {status}: {error}", retryable=True,
                                 prediction_id=prediction_id)
+        return prediction, int((time.monotonic() - started) * 1000)
+
+    async def predict(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None) -> Prediction:
+        """Run a language model's prediction to its end: its text, metrics and latency."""
+        prediction, latency_ms = await self.run(model, model_input, token)
+        prediction_id = prediction["id"]
         try:
             text = output_text(prediction.get("output"))
         except ProviderError as exc:

@@ -9,8 +9,11 @@ reply and faults are configurable; faults are consumed one per create request, i
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
+import math
+import random
 import re
 import secrets
 import time
@@ -99,12 +102,48 @@ class SimPrediction:
 
 
 def default_reply(model_input: dict[str, Any]) -> str:
-    """A deterministic reply that shows what the model was asked."""
+    """A deterministic reply that shows what the model was asked, with follow-up questions when
+    the system prompt asks for them."""
     prompt = str(model_input.get("prompt", ""))
     last = prompt.rsplit("<|start_header_id|>user<|end_header_id|>", 1)[-1]
     last = last.split("<|eot_id|>", 1)[0].strip().rsplit("User:", 1)[-1].strip().rsplit("\n\n", 1)[-1]
     seen = " with an image" if model_input.get("image") else ""
-    return f"You said{seen}: {last[:200]}"
+    reply = f"You said{seen}: {last[:200]}"
+    if "<<follow-ups>>" in prompt:
+        reply += "\n<<follow-ups>>\n1. Can you give an example?\n2. What should I avoid?"
+    return reply
+
+
+EMBEDDING_DIMENSIONS = 768
+STOPWORDS = frozenset("a an and are as at be by do does for from how i in is it my of on or the to what with you".split())
+_token_vectors: dict[str, list[float]] = {}
+
+
+def embed_text(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """A deterministic bag-of-words embedding: texts that share words are close in cosine
+    distance, which is all retrieval tests need from a stand-in for an embedding model."""
+    total = [0.0] * dimensions
+    for token in re.findall(r"[a-z0-9]+", text.lower()):
+        if token in STOPWORDS:
+            continue
+        vector = _token_vectors.get(token)
+        if vector is None:
+            rng = random.Random(hashlib.sha256(token.encode()).digest())
+            vector = _token_vectors[token] = [rng.gauss(0, 1) for _ in range(dimensions)]
+        total = [a + b for a, b in zip(total, vector, strict=True)]
+    norm = math.sqrt(sum(x * x for x in total)) or 1.0
+    return [x / norm for x in total]
+
+
+def embedding_output(model_input: dict[str, Any]) -> list[dict[str, list[float]]] | None:
+    """The output of an embedding model (all-mpnet-base-v2's shape), or None for other inputs."""
+    if "text_batch" in model_input:
+        texts = json.loads(model_input["text_batch"])
+    elif "text" in model_input and "prompt" not in model_input:
+        texts = [model_input["text"]]
+    else:
+        return None
+    return [{"embedding": embed_text(str(text))} for text in texts]
 
 
 def tokenize(text: str) -> list[str]:
@@ -204,10 +243,13 @@ class ReplicateSimulator:
                                  fault.detail or "simulated failure", headers)
 
         model_input = body["input"]
-        text = self.reply(model_input)
+        embeddings = embedding_output(model_input)
+        text = "" if embeddings is not None else self.reply(model_input)
         prediction = SimPrediction(
             id=f"sim{next(self._ids):06d}{secrets.token_hex(4)}", model=model, version=version, input=model_input,
             created=time.time(), latency=self.latency, tokens=tokenize(text), base_url=self.base_url)
+        if embeddings is not None:
+            prediction.output_override = embeddings
         if fault and fault.kind in ("failed", "canceled"):
             prediction.end_as = fault.kind
             prediction.error = fault.detail or ("CUDA out of memory" if fault.kind == "failed" else None)

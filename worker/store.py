@@ -39,6 +39,8 @@ class ClaimedRun:
     history: list[dict[str, Any]]
     plan_id: str = "free"
     uses_own_key: bool = False
+    assistant: dict[str, Any] | None = None
+    profile: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ClaimedRun:
@@ -48,6 +50,7 @@ class ClaimedRun:
             attempt=int(row["attempt"]), max_attempts=int(row["max_attempts"]), content=row["content"],
             image_url=row["image_url"], history=list(row["history"] or []),
             plan_id=row.get("plan_id") or "free", uses_own_key=bool(row.get("uses_own_key")),
+            assistant=row.get("assistant"), profile=row.get("profile"),
         )
 
 
@@ -77,12 +80,13 @@ class RunStore(ABC):
 
     async def complete(self, run: ClaimedRun, *, content: str, model: str, prediction_id: str | None,
                        input_tokens: int | None, output_tokens: int | None, cost_usd: Decimal | None,
-                       latency_ms: int | None, metadata: dict[str, Any]) -> uuid.UUID | None:
+                       latency_ms: int | None, metadata: dict[str, Any], follow_ups: list[str] | None = None,
+                       actions: list[dict[str, Any]] | None = None) -> uuid.UUID | None:
         reply = await self.call("complete_run", {
             "p_run_id": run.run_id, "p_attempt": run.attempt, "p_content": content, "p_model": model,
             "p_provider": "replicate", "p_prediction_id": prediction_id, "p_input_tokens": input_tokens,
             "p_output_tokens": output_tokens, "p_cost_usd": cost_usd, "p_latency_ms": latency_ms,
-            "p_metadata": metadata,
+            "p_metadata": metadata, "p_follow_ups": follow_ups or [], "p_actions": actions or [],
         })
         return uuid.UUID(str(reply)) if reply else None
 

@@ -20,7 +20,7 @@ import psycopg
 
 log = logging.getLogger("worker.wakeups")
 
-Wake = Callable[[], None]
+Wake = Callable[..., None]  # wake(kind="runs"|"actions")
 
 
 class ListenWakeups:
@@ -36,12 +36,13 @@ class ListenWakeups:
             try:
                 async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
                     await conn.execute("listen assistant_runs")
+                    await conn.execute("listen assistant_actions")
                     self.live, backoff = True, 0.2
                     log.info("listening", extra={"event": "wakeups.live", "transport": "postgres"})
-                    wake()  # sweep: whatever arrived while we were not listening
+                    wake("actions")  # sweep: whatever arrived while we were not listening
                     while True:
-                        async for _ in conn.notifies(timeout=self.health_check_seconds):
-                            wake()
+                        async for notify in conn.notifies(timeout=self.health_check_seconds):
+                            wake("actions" if notify.channel == "assistant_actions" else "runs")
                         await conn.execute("select 1")  # a silent dead connection shows up here
             except (psycopg.OperationalError, OSError) as exc:
                 if self.live:
@@ -93,6 +94,9 @@ class RealtimeWakeups:
         def on_insert(payload: Any) -> None:
             wake()
 
+        def on_approval(payload: Any) -> None:
+            wake("actions")
+
         def on_system(payload: Any) -> None:
             # The join reply only means the channel exists; changes flow once the server says
             # "Subscribed to PostgreSQL". Anything committed before that is found by the sweep.
@@ -100,7 +104,7 @@ class RealtimeWakeups:
                 if not self.live:
                     log.info("subscribed", extra={"event": "wakeups.live", "transport": "supabase"})
                 self.live = True
-                wake()
+                wake("actions")
 
         def on_state(state: Any, error: Exception | None) -> None:
             if state != RealtimeSubscribeStates.SUBSCRIBED:
@@ -114,6 +118,8 @@ class RealtimeWakeups:
             channel = client.channel(self.TOPIC)
             channel.on_postgres_changes("INSERT", on_insert, table="assistant_messages", schema="public",
                                         filter="role=eq.user")
+            channel.on_postgres_changes("UPDATE", on_approval, table="assistant_action_requests", schema="public",
+                                        filter="status=eq.approved")
             channel.on_system(on_system)
             await channel.subscribe(on_state)
             subscribed = channel.is_joined

@@ -86,7 +86,8 @@ $$;
 -- would have gone to, for its event).
 -- Returns what the worker needs to build the model input, in the same round trip: the message,
 -- up to 50 earlier messages of its thread (oldest first, failure and refusal notices left out),
--- and the user's plan.
+-- the user's plan, the thread's assistant (the default one if it has none) and the user's AI
+-- profile.
 -------------------------------------------------------------------------------------------------
 create function public.claim_runs(
   p_worker text,
@@ -107,7 +108,9 @@ returns table (
   message_created_at timestamptz,
   history jsonb,
   plan_id text,
-  uses_own_key boolean
+  uses_own_key boolean,
+  assistant jsonb,
+  profile jsonb
 )
 language plpgsql
 set search_path = ''
@@ -192,9 +195,15 @@ begin
                 limit 50
              ) h
          ), '[]'::jsonb),
-         p.id, p.uses_own_key
+         p.id, p.uses_own_key,
+         (select to_jsonb(a) - 'created_at' - 'updated_at' from public.assistants a
+           where a.id = coalesce(t.assistant_id, public.default_assistant_id())),
+         (select jsonb_build_object('goals', f.goals, 'experience_level', f.experience_level,
+                                    'preferences', f.preferences)
+            from public.ai_profiles f where f.user_id = r.user_id)
     from public.assistant_runs r
     join public.assistant_messages m on m.id = r.message_id
+    join public.assistant_threads t on t.id = r.thread_id
     join public.ai_plans p on p.id = public.ai_plan_of(r.user_id)
    where r.id = any(admitted);
 end
@@ -204,7 +213,9 @@ $$;
 -- complete_run: the reply, its inference event and the run's completion, in one transaction.
 -- Repeating it (a retry after a crash or a lost response) changes nothing and returns the same
 -- reply id; a run that already ended (another attempt won, or it was cancelled) is left alone.
--- Content over 8000 characters is cut, with metadata.truncated = true.
+-- Content over 8000 characters is cut, with metadata.truncated = true. With the reply come up to
+-- three follow-up suggestions (p_follow_ups: an array of strings) and the actions the model
+-- proposed (p_actions: [{"type": …, "payload": {…}}], registered types only), stored pending.
 -------------------------------------------------------------------------------------------------
 create function public.complete_run(
   p_run_id uuid,
@@ -217,7 +228,9 @@ create function public.complete_run(
   p_output_tokens integer default null,
   p_cost_usd numeric default null,
   p_latency_ms integer default null,
-  p_metadata jsonb default '{}'::jsonb
+  p_metadata jsonb default '{}'::jsonb,
+  p_follow_ups jsonb default '[]'::jsonb,
+  p_actions jsonb default '[]'::jsonb
 ) returns uuid
 language plpgsql
 set search_path = ''
@@ -261,6 +274,19 @@ begin
     (run.user_id, run.thread_id, run.message_id, run.id, p_attempt, p_provider, p_model, p_prediction_id,
      'succeeded', p_latency_ms, p_input_tokens, p_output_tokens, p_cost_usd)
   on conflict (run_id, attempt) where run_id is not null do nothing;
+
+  insert into public.assistant_follow_ups (user_id, thread_id, message_id, position, suggestion)
+  select run.user_id, run.thread_id, reply_id, f.ordinality, left(btrim(f.value), 300)
+    from jsonb_array_elements_text(case when jsonb_typeof(p_follow_ups) = 'array' then p_follow_ups else '[]' end)
+         with ordinality f
+   where f.ordinality <= 3 and btrim(f.value) <> ''
+  on conflict (message_id, position) do nothing;
+
+  insert into public.assistant_action_requests (user_id, thread_id, message_id, action_type, payload)
+  select run.user_id, run.thread_id, reply_id, a.value ->> 'type', coalesce(a.value -> 'payload', '{}'::jsonb)
+    from jsonb_array_elements(case when jsonb_typeof(p_actions) = 'array' then p_actions else '[]' end) a
+   where exists (select 1 from public.assistant_action_types t where t.name = a.value ->> 'type')
+     and jsonb_typeof(coalesce(a.value -> 'payload', '{}'::jsonb)) = 'object';
 
   -- Tokens and cost count against the user's limits once: this branch runs once per run.
   perform public.ai_usage_add(run.user_id, jsonb_build_object(
@@ -388,7 +414,7 @@ revoke execute on function
   public.assistant_finish_failed(uuid, text, text),
   public.assistant_finish_blocked(uuid, jsonb, text),
   public.claim_runs(text, integer, integer, text, text),
-  public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer, jsonb),
+  public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer, jsonb, jsonb, jsonb),
   public.fail_attempt(uuid, integer, text, text, boolean, double precision, text, text, text, integer),
   public.release_run(uuid, text, integer),
   public.extend_lease(uuid, text, integer, integer),
@@ -398,7 +424,7 @@ grant execute on function
   public.assistant_finish_failed(uuid, text, text),
   public.assistant_finish_blocked(uuid, jsonb, text),
   public.claim_runs(text, integer, integer, text, text),
-  public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer, jsonb),
+  public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer, jsonb, jsonb, jsonb),
   public.fail_attempt(uuid, integer, text, text, boolean, double precision, text, text, text, integer),
   public.release_run(uuid, text, integer),
   public.extend_lease(uuid, text, integer, integer),

@@ -1,0 +1,113 @@
+"""Images for the vision model. `image_url` is either an object in the private attachments bucket
+(`storage://chat-attachments/<user id>/<file>`), which becomes a short-lived signed URL, or an
+https URL on a public host. Anything else is refused with a clear reason before any model call:
+another scheme, a host that resolves to a private, loopback or link-local address (the worker
+would be the one reaching into its own network), an object outside the user's folder, a missing
+object or one over IMAGE_MAX_BYTES."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import httpx
+
+from worker.config import Settings
+from worker.provider import ProviderError
+from worker.store import RunStore
+
+BUCKET = "chat-attachments"
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+Signer = Callable[[str, str, int], Awaitable[str]]
+
+
+class ImageRefused(ProviderError):
+    def __init__(self, reason: str) -> None:
+        super().__init__("invalid_image", reason, retryable=False)
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+class ImageResolver:
+    def __init__(self, settings: Settings, store: RunStore, http: httpx.AsyncClient, *,
+                 signer: Signer | None = None, resolver: Resolver | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.http = http
+        self.signer = signer
+        self.resolver = resolver
+
+    def _too_big(self, size: int) -> ImageRefused:
+        limit_mb = self.settings.image_max_bytes / (1024 * 1024)
+        return ImageRefused(f"the image is {size / (1024 * 1024):.1f} MB; the limit is {limit_mb:g} MB")
+
+    async def model_url(self, image_url: str, user_id: uuid.UUID) -> str:
+        """The URL the model may fetch, or ImageRefused."""
+        if image_url.startswith("storage://"):
+            return await self._storage_url(image_url[len("storage://"):], user_id)
+        parts = urlsplit(image_url)
+        if parts.scheme != "https":
+            raise ImageRefused("only https:// URLs and storage:// attachments can be used as images")
+        host = parts.hostname
+        if not host:
+            raise ImageRefused("the image URL has no host")
+        try:
+            addresses = await (self.resolver or resolve_host)(host, parts.port or 443)
+        except OSError:
+            raise ImageRefused(f"the image host {host} cannot be resolved") from None
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%")[0])
+            if not ip.is_global:
+                raise ImageRefused(f"the image URL points to a private or local address ({ip})")
+        try:
+            response = await self.http.head(image_url, follow_redirects=False, timeout=5.0)
+        except httpx.HTTPError as exc:
+            raise ImageRefused(f"the image could not be fetched ({type(exc).__name__})") from None
+        if response.status_code >= 400:
+            raise ImageRefused(f"the image could not be fetched (HTTP {response.status_code})")
+        if response.is_redirect:
+            raise ImageRefused("the image URL redirects; use the final address")
+        length = response.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.settings.image_max_bytes:
+            raise self._too_big(int(length))
+        kind = response.headers.get("content-type", "")
+        if kind and not kind.startswith("image/"):
+            raise ImageRefused(f"the URL is not an image ({kind.split(';')[0]})")
+        return image_url
+
+    async def _storage_url(self, location: str, user_id: uuid.UUID) -> str:
+        bucket, _, path = location.partition("/")
+        if bucket != BUCKET:
+            raise ImageRefused(f"images must be in the {BUCKET} bucket")
+        segments = path.split("/")
+        if len(segments) < 2 or segments[0] != str(user_id) or any(s in ("", ".", "..") for s in segments):
+            raise ImageRefused("the image must be in your own folder of the attachments bucket")
+        info = await self.store.call("attachment_object", {"p_bucket": bucket, "p_path": path})
+        if not info:
+            raise ImageRefused("the attached image was not found in storage")
+        size = int((info.get("metadata") or {}).get("size") or 0)
+        if size > self.settings.image_max_bytes:
+            raise self._too_big(size)
+        if self.signer is None:
+            raise ImageRefused("storage:// images need SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY to be signed")
+        return await self.signer(bucket, path, self.settings.image_signed_url_seconds)
+
+
+def supabase_signer(client: object) -> Signer:
+    """Signs through Supabase Storage (`POST /storage/v1/object/sign/<bucket>/<path>`)."""
+
+    async def sign(bucket: str, path: str, expires_in: int) -> str:
+        response = await client.storage.from_(bucket).create_signed_url(path, expires_in)  # type: ignore[attr-defined]
+        url = response.get("signedURL") or response.get("signedUrl")
+        if not url:
+            raise ImageRefused("Supabase Storage did not sign the image")
+        return str(url)
+
+    return sign
