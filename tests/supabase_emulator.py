@@ -110,6 +110,7 @@ class SupabaseEmulator:
     service_role_key: str = field(default_factory=lambda: make_jwt("service_role"))
     rpc_calls: list[dict[str, Any]] = field(default_factory=list)
     joins: list[dict[str, Any]] = field(default_factory=list)
+    signed: list[dict[str, Any]] = field(default_factory=list)
     subscriptions: list[Subscription] = field(default_factory=list)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     refuse_until: float = 0.0
@@ -125,6 +126,7 @@ class SupabaseEmulator:
         app = web.Application()
         app.router.add_post("/rest/v1/rpc/{fn}", self._rpc)
         app.router.add_get("/realtime/v1/websocket", self._websocket)
+        app.router.add_post("/storage/v1/object/sign/{bucket}/{path:.+}", self._sign)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -223,6 +225,24 @@ class SupabaseEmulator:
         if returns_void:
             return web.Response(status=204)
         return web.Response(status=200, content_type="application/json", charset="utf-8", text=json.dumps(row[0]))
+
+    # -- Storage --------------------------------------------------------------------------------
+    async def _sign(self, request: web.Request) -> web.StreamResponse:
+        """Storage API: a signed URL for an object, relative to /storage/v1."""
+        claims = self._claims(request)
+        if isinstance(claims, web.Response):
+            return claims
+        bucket, path = request.match_info["bucket"], request.match_info["path"]
+        body = await request.json()
+        self.signed.append({"bucket": bucket, "path": path, "expiresIn": body.get("expiresIn"), "role": claims.get("role")})
+        async with await psycopg.AsyncConnection.connect(self.db_url) as conn:
+            found = await (await conn.execute("select 1 from storage.objects where bucket_id = %s and name = %s",
+                                              (bucket, path))).fetchone()
+        if not found or claims.get("role") != "service_role":
+            return web.json_response({"statusCode": "404", "error": "not_found", "message": "Object not found"}, status=400)
+        token = jwt.encode({"url": f"{bucket}/{path}", "iat": int(time.time()),
+                            "exp": int(time.time()) + int(body.get("expiresIn", 60))}, JWT_SECRET, algorithm="HS256")
+        return web.json_response({"signedURL": f"/object/sign/{bucket}/{path}?token={token}"})
 
     # -- Realtime -------------------------------------------------------------------------------
     async def _websocket(self, request: web.Request) -> web.StreamResponse:

@@ -14,9 +14,8 @@ from supabase import AsyncClientOptions, acreate_client
 
 from tests.pipeline_helpers import finished_runs, new_user_thread, query, say, wait_until, worker_settings
 from tests.supabase_emulator import SupabaseEmulator, make_jwt
-from worker.app import open_transport
+from worker.app import build_worker, open_transport
 from worker.pipeline import Worker
-from worker.provider import ReplicateClient
 from worker.simulator import ReplicateSimulator
 from worker.wakeups import RealtimeWakeups
 
@@ -36,8 +35,10 @@ def supabase_settings(simulator: ReplicateSimulator, supabase: SupabaseEmulator,
 
 async def start_worker(settings, wakeups=None) -> tuple[Worker, asyncio.Task, httpx.AsyncClient]:
     transport = await open_transport(settings)
+    if wakeups is not None:
+        transport.wakeups = wakeups
     http = httpx.AsyncClient()
-    worker = Worker(settings, transport.store, ReplicateClient(http, settings), wakeups or transport.wakeups)
+    worker = build_worker(settings, transport, http)
     return worker, asyncio.create_task(worker.run()), http
 
 

@@ -2,6 +2,7 @@
 
   python -m worker run              the worker daemon (transport from the settings)
   python -m worker chat             a terminal chat as a local user, through RLS (postgres transport)
+  python -m worker kb ingest PATH…  chunk, embed and store text/Markdown files in the knowledge base
   python -m worker simulator        the local Replicate simulator on its own
   python -m worker db up|down|reset the embedded local database
 """
@@ -92,6 +93,46 @@ def _chat(email: str) -> int:
     return asyncio.run(chat(url, email))
 
 
+def _kb_ingest(paths: list[str], assistant: str | None) -> int:
+    from pathlib import Path
+
+    from worker import logs
+
+    settings = _settings()
+    logs.configure("WARNING")
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        print(f"no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    return asyncio.run(_kb_ingest_async(settings, [Path(p) for p in paths], assistant))
+
+
+async def _kb_ingest_async(settings: Settings, paths: list, assistant: str | None) -> int:
+    from worker.app import open_transport, replicate_http
+    from worker.knowledge import Embedder, ingest
+    from worker.provider import ReplicateClient
+
+    if settings.replicate_api_token is None:
+        print("REPLICATE_API_TOKEN is not set: the embedding model cannot be called", file=sys.stderr)
+        return 2
+    transport = await open_transport(settings, _database_url(settings))
+    try:
+        assistant_id = None
+        if assistant:
+            found = await transport.store.call("assistant_id_by_slug", {"p_slug": assistant})
+            if not found:
+                print(f"no assistant with slug {assistant!r}", file=sys.stderr)
+                return 2
+            assistant_id = str(found)
+        async with replicate_http(settings) as http:
+            report = await ingest(transport.store, Embedder(ReplicateClient(http, settings), settings), settings,
+                                  paths, assistant_id)
+        print(report)
+        return 0
+    finally:
+        await transport.store.close()
+
+
 def _simulator(port: int, latency: float) -> int:
     from worker.simulator import ReplicateSimulator
 
@@ -113,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("run", help="run the worker daemon")
     chat = commands.add_parser("chat", help="chat in the terminal as a local user")
     chat.add_argument("--email", default="demo@example.com")
+    kb = commands.add_parser("kb", help="the knowledge base")
+    kb_commands = kb.add_subparsers(dest="kb_command", required=True)
+    kb_ingest = kb_commands.add_parser("ingest", help="chunk, embed and store files (unchanged ones are skipped)")
+    kb_ingest.add_argument("paths", nargs="+", metavar="PATH")
+    kb_ingest.add_argument("--assistant", help="slug of the assistant the documents belong to (default: all)")
     sim = commands.add_parser("simulator", help="run the Replicate simulator")
     sim.add_argument("--port", type=int, default=0)
     sim.add_argument("--latency", type=float, default=0.3)
@@ -121,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         return _db(args.action)
     if args.command == "chat":
         return _chat(args.email)
+    if args.command == "kb":
+        return _kb_ingest(args.paths, args.assistant)
     if args.command == "simulator":
         return _simulator(args.port, args.latency)
     return _run()

@@ -59,13 +59,17 @@ async def replicate_http(settings: Settings) -> AsyncIterator[httpx.AsyncClient]
         yield http
 
 
+def build_worker(settings: Settings, transport: Transport, http: httpx.AsyncClient) -> Worker:
+    return Worker(settings, transport.store, ReplicateClient(http, settings), transport.wakeups,
+                  images=ImageResolver(settings, transport.store, http, signer=transport.signer))
+
+
 async def serve(settings: Settings, database_url: str | None = None) -> Worker:
     """Run the worker until a signal arrives; returns it (with its counters) after the drain."""
     transport = await open_transport(settings, database_url)
     try:
         async with replicate_http(settings) as http:
-            worker = Worker(settings, transport.store, ReplicateClient(http, settings), transport.wakeups,
-                            images=ImageResolver(settings, transport.store, http, signer=transport.signer))
+            worker = build_worker(settings, transport, http)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, worker.stop)

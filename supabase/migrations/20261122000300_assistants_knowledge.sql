@@ -60,6 +60,13 @@ as $$
   select id from public.assistants where is_default
 $$;
 
+create function public.assistant_id_by_slug(p_slug text) returns uuid
+language sql stable
+set search_path = ''
+as $$
+  select id from public.assistants where slug = p_slug
+$$;
+
 -- Guided questions (seed 003): starter prompts per assistant, by priority.
 create table public.assistant_guided_questions (
   id uuid primary key default gen_random_uuid(),
@@ -579,6 +586,7 @@ create policy "users create threads for themselves" on public.assistant_threads
     and (assistant_id is null or exists (select 1 from public.assistants a where a.id = assistant_id)));
 
 revoke execute on function
+  public.assistant_id_by_slug(text),
   public.attachment_object(text, text),
   public.match_kb_chunks(extensions.vector, double precision, integer, uuid),
   public.search_knowledge(text, extensions.vector, uuid, uuid, uuid, double precision, integer),
@@ -590,6 +598,7 @@ revoke execute on function
   public.apply_profile_preferences(uuid, jsonb)
   from public, anon, authenticated;
 grant execute on function
+  public.assistant_id_by_slug(text),
   public.attachment_object(text, text),
   public.match_kb_chunks(extensions.vector, double precision, integer, uuid),
   public.search_knowledge(text, extensions.vector, uuid, uuid, uuid, double precision, integer),

@@ -38,7 +38,11 @@ declare
 begin
   select * into run from public.assistant_runs where id = p_run_id;
   insert into public.assistant_messages (thread_id, user_id, role, content, reply_to, metadata_json)
-  values (run.thread_id, run.user_id, 'assistant', public.assistant_failure_text(p_error_code), run.message_id,
+  values (run.thread_id, run.user_id, 'assistant',
+          case when p_error_code = 'invalid_image'  -- the reason is the user's to fix: say it
+               then left('Sorry, I could not use the attached image: ' || coalesce(p_error, 'it was refused') || '.', 8000)
+               else public.assistant_failure_text(p_error_code) end,
+          run.message_id,
           jsonb_build_object('error_code', p_error_code, 'failed', true))
   on conflict (reply_to) do nothing;
   update public.assistant_runs
