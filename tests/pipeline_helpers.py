@@ -27,6 +27,9 @@ def worker_settings(base_url: str, **overrides: Any) -> Settings:
         "worker_sweep_interval_seconds": 3600, "worker_retry_base_seconds": 0.05, "worker_lease_seconds": 30,
         "worker_shutdown_grace_seconds": 5, "replicate_max_retry_after_seconds": 1,
         "replicate_max_creates_per_minute": 0,
+        # The simulator's bag-of-words embeddings score a relevant chunk at 0.25-0.65 (an unrelated
+        # one near 0); real sentence embeddings sit higher, hence the default of 0.5.
+        "knowledge_match_threshold": 0.2,
     }
     values.update(overrides)
     return Settings(**values)

@@ -64,7 +64,8 @@ class Embedder:
 
 
 async def retrieve(store: RunStore, embedder: Embedder, settings: Settings, query: str, *,
-                   assistant_id: str | None, user_id: uuid.UUID, run_id: uuid.UUID) -> list[KnowledgeChunk]:
+                   assistant_id: str | None, user_id: uuid.UUID | None, run_id: uuid.UUID | None
+                   ) -> list[KnowledgeChunk]:
     [vector] = await embedder.embed([query])
     rows = await store.call("search_knowledge", {
         "p_query": query, "p_query_embedding": vector_literal(vector), "p_assistant_id": assistant_id,
