@@ -89,6 +89,10 @@ CASES = [
 ]
 
 
+TABLES_COVERED = {"ai_plans", "ai_plan_limits", "user_ai_settings", "ai_usage_counters", "user_replicate_tokens",
+                  "ai_feedback"}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0][:60] for c in CASES])
 def test_usage_tables_rls(world: World, case: tuple) -> None:
     sql, _, *expected = case

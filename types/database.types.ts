@@ -100,6 +100,33 @@ export type Database = {
         }
         Relationships: []
       }
+      ai_profiles: {
+        Row: {
+          created_at: string
+          experience_level: string | null
+          goals: Json
+          preferences: Json
+          updated_at: string
+          user_id: string
+        }
+        Insert: {
+          created_at?: string
+          experience_level?: string | null
+          goals?: Json
+          preferences?: Json
+          updated_at?: string
+          user_id?: string
+        }
+        Update: {
+          created_at?: string
+          experience_level?: string | null
+          goals?: Json
+          preferences?: Json
+          updated_at?: string
+          user_id?: string
+        }
+        Relationships: []
+      }
       ai_usage_counters: {
         Row: {
           metric: string
@@ -126,6 +153,249 @@ export type Database = {
           window_start?: string
         }
         Relationships: []
+      }
+      assistant_action_requests: {
+        Row: {
+          action_type: string
+          attempts: number
+          created_at: string
+          decided_at: string | null
+          error_message: string | null
+          executed_at: string | null
+          id: string
+          lease_expires_at: string | null
+          lease_owner: string | null
+          message_id: string | null
+          payload: Json
+          result: Json | null
+          status: string
+          thread_id: string
+          updated_at: string
+          user_id: string
+        }
+        Insert: {
+          action_type: string
+          attempts?: number
+          created_at?: string
+          decided_at?: string | null
+          error_message?: string | null
+          executed_at?: string | null
+          id?: string
+          lease_expires_at?: string | null
+          lease_owner?: string | null
+          message_id?: string | null
+          payload?: Json
+          result?: Json | null
+          status?: string
+          thread_id: string
+          updated_at?: string
+          user_id: string
+        }
+        Update: {
+          action_type?: string
+          attempts?: number
+          created_at?: string
+          decided_at?: string | null
+          error_message?: string | null
+          executed_at?: string | null
+          id?: string
+          lease_expires_at?: string | null
+          lease_owner?: string | null
+          message_id?: string | null
+          payload?: Json
+          result?: Json | null
+          status?: string
+          thread_id?: string
+          updated_at?: string
+          user_id?: string
+        }
+        Relationships: [
+          {
+            foreignKeyName: "assistant_action_requests_action_type_fkey"
+            columns: ["action_type"]
+            isOneToOne: false
+            referencedRelation: "assistant_action_types"
+            referencedColumns: ["name"]
+          },
+          {
+            foreignKeyName: "assistant_action_requests_message_id_fkey"
+            columns: ["message_id"]
+            isOneToOne: false
+            referencedRelation: "assistant_messages"
+            referencedColumns: ["id"]
+          },
+          {
+            foreignKeyName: "assistant_action_requests_thread_id_fkey"
+            columns: ["thread_id"]
+            isOneToOne: false
+            referencedRelation: "assistant_threads"
+            referencedColumns: ["id"]
+          },
+        ]
+      }
+      assistant_action_types: {
+        Row: {
+          description: string
+          name: string
+          payload_schema: Json
+          updated_at: string
+        }
+        Insert: {
+          description?: string
+          name: string
+          payload_schema?: Json
+          updated_at?: string
+        }
+        Update: {
+          description?: string
+          name?: string
+          payload_schema?: Json
+          updated_at?: string
+        }
+        Relationships: []
+      }
+      assistant_files: {
+        Row: {
+          bucket_id: string
+          created_at: string
+          filename: string
+          id: string
+          message_id: string | null
+          metadata: Json
+          mime_type: string
+          size_bytes: number
+          storage_path: string
+          thread_id: string
+          user_id: string
+        }
+        Insert: {
+          bucket_id?: string
+          created_at?: string
+          filename: string
+          id?: string
+          message_id?: string | null
+          metadata?: Json
+          mime_type: string
+          size_bytes: number
+          storage_path: string
+          thread_id: string
+          user_id?: string
+        }
+        Update: {
+          bucket_id?: string
+          created_at?: string
+          filename?: string
+          id?: string
+          message_id?: string | null
+          metadata?: Json
+          mime_type?: string
+          size_bytes?: number
+          storage_path?: string
+          thread_id?: string
+          user_id?: string
+        }
+        Relationships: [
+          {
+            foreignKeyName: "assistant_files_message_id_fkey"
+            columns: ["message_id"]
+            isOneToOne: false
+            referencedRelation: "assistant_messages"
+            referencedColumns: ["id"]
+          },
+          {
+            foreignKeyName: "assistant_files_thread_id_fkey"
+            columns: ["thread_id"]
+            isOneToOne: false
+            referencedRelation: "assistant_threads"
+            referencedColumns: ["id"]
+          },
+        ]
+      }
+      assistant_follow_ups: {
+        Row: {
+          created_at: string
+          id: string
+          message_id: string
+          position: number
+          suggestion: string
+          thread_id: string
+          used_at: string | null
+          user_id: string
+        }
+        Insert: {
+          created_at?: string
+          id?: string
+          message_id: string
+          position: number
+          suggestion: string
+          thread_id: string
+          used_at?: string | null
+          user_id: string
+        }
+        Update: {
+          created_at?: string
+          id?: string
+          message_id?: string
+          position?: number
+          suggestion?: string
+          thread_id?: string
+          used_at?: string | null
+          user_id?: string
+        }
+        Relationships: [
+          {
+            foreignKeyName: "assistant_follow_ups_message_id_fkey"
+            columns: ["message_id"]
+            isOneToOne: false
+            referencedRelation: "assistant_messages"
+            referencedColumns: ["id"]
+          },
+          {
+            foreignKeyName: "assistant_follow_ups_thread_id_fkey"
+            columns: ["thread_id"]
+            isOneToOne: false
+            referencedRelation: "assistant_threads"
+            referencedColumns: ["id"]
+          },
+        ]
+      }
+      assistant_guided_questions: {
+        Row: {
+          assistant_id: string
+          category: string | null
+          created_at: string
+          id: string
+          is_active: boolean
+          priority: number
+          question: string
+        }
+        Insert: {
+          assistant_id: string
+          category?: string | null
+          created_at?: string
+          id?: string
+          is_active?: boolean
+          priority?: number
+          question: string
+        }
+        Update: {
+          assistant_id?: string
+          category?: string | null
+          created_at?: string
+          id?: string
+          is_active?: boolean
+          priority?: number
+          question?: string
+        }
+        Relationships: [
+          {
+            foreignKeyName: "assistant_guided_questions_assistant_id_fkey"
+            columns: ["assistant_id"]
+            isOneToOne: false
+            referencedRelation: "assistants"
+            referencedColumns: ["id"]
+          },
+        ]
       }
       assistant_inference_events: {
         Row: {
@@ -344,6 +614,7 @@ export type Database = {
       assistant_threads: {
         Row: {
           archived_at: string | null
+          assistant_id: string | null
           created_at: string
           id: string
           last_message_at: string | null
@@ -353,6 +624,7 @@ export type Database = {
         }
         Insert: {
           archived_at?: string | null
+          assistant_id?: string | null
           created_at?: string
           id?: string
           last_message_at?: string | null
@@ -362,6 +634,7 @@ export type Database = {
         }
         Update: {
           archived_at?: string | null
+          assistant_id?: string | null
           created_at?: string
           id?: string
           last_message_at?: string | null
@@ -369,7 +642,199 @@ export type Database = {
           updated_at?: string
           user_id?: string
         }
+        Relationships: [
+          {
+            foreignKeyName: "assistant_threads_assistant_id_fkey"
+            columns: ["assistant_id"]
+            isOneToOne: false
+            referencedRelation: "assistants"
+            referencedColumns: ["id"]
+          },
+        ]
+      }
+      assistants: {
+        Row: {
+          chat_model: string | null
+          context_token_budget: number | null
+          created_at: string
+          description: string
+          features: string[]
+          id: string
+          instructions: string
+          is_active: boolean
+          is_default: boolean
+          max_output_tokens: number | null
+          name: string
+          offered_to: string
+          slug: string
+          temperature: number | null
+          updated_at: string
+          vision_model: string | null
+        }
+        Insert: {
+          chat_model?: string | null
+          context_token_budget?: number | null
+          created_at?: string
+          description?: string
+          features?: string[]
+          id?: string
+          instructions?: string
+          is_active?: boolean
+          is_default?: boolean
+          max_output_tokens?: number | null
+          name: string
+          offered_to?: string
+          slug: string
+          temperature?: number | null
+          updated_at?: string
+          vision_model?: string | null
+        }
+        Update: {
+          chat_model?: string | null
+          context_token_budget?: number | null
+          created_at?: string
+          description?: string
+          features?: string[]
+          id?: string
+          instructions?: string
+          is_active?: boolean
+          is_default?: boolean
+          max_output_tokens?: number | null
+          name?: string
+          offered_to?: string
+          slug?: string
+          temperature?: number | null
+          updated_at?: string
+          vision_model?: string | null
+        }
         Relationships: []
+      }
+      kb_chunks: {
+        Row: {
+          chunk_index: number
+          content: string
+          created_at: string
+          document_id: string
+          embedding: string
+          id: string
+          metadata: Json
+        }
+        Insert: {
+          chunk_index: number
+          content: string
+          created_at?: string
+          document_id: string
+          embedding: string
+          id?: string
+          metadata?: Json
+        }
+        Update: {
+          chunk_index?: number
+          content?: string
+          created_at?: string
+          document_id?: string
+          embedding?: string
+          id?: string
+          metadata?: Json
+        }
+        Relationships: [
+          {
+            foreignKeyName: "kb_chunks_document_id_fkey"
+            columns: ["document_id"]
+            isOneToOne: false
+            referencedRelation: "kb_documents"
+            referencedColumns: ["id"]
+          },
+        ]
+      }
+      kb_documents: {
+        Row: {
+          assistant_id: string | null
+          content_hash: string
+          created_at: string
+          id: string
+          metadata: Json
+          source: string
+          title: string
+          updated_at: string
+        }
+        Insert: {
+          assistant_id?: string | null
+          content_hash: string
+          created_at?: string
+          id?: string
+          metadata?: Json
+          source: string
+          title: string
+          updated_at?: string
+        }
+        Update: {
+          assistant_id?: string | null
+          content_hash?: string
+          created_at?: string
+          id?: string
+          metadata?: Json
+          source?: string
+          title?: string
+          updated_at?: string
+        }
+        Relationships: [
+          {
+            foreignKeyName: "kb_documents_assistant_id_fkey"
+            columns: ["assistant_id"]
+            isOneToOne: false
+            referencedRelation: "assistants"
+            referencedColumns: ["id"]
+          },
+        ]
+      }
+      kb_searches: {
+        Row: {
+          assistant_id: string | null
+          created_at: string
+          id: string
+          query: string
+          result_count: number
+          run_id: string | null
+          top_similarity: number | null
+          user_id: string | null
+        }
+        Insert: {
+          assistant_id?: string | null
+          created_at?: string
+          id?: string
+          query: string
+          result_count: number
+          run_id?: string | null
+          top_similarity?: number | null
+          user_id?: string | null
+        }
+        Update: {
+          assistant_id?: string | null
+          created_at?: string
+          id?: string
+          query?: string
+          result_count?: number
+          run_id?: string | null
+          top_similarity?: number | null
+          user_id?: string | null
+        }
+        Relationships: [
+          {
+            foreignKeyName: "kb_searches_assistant_id_fkey"
+            columns: ["assistant_id"]
+            isOneToOne: false
+            referencedRelation: "assistants"
+            referencedColumns: ["id"]
+          },
+          {
+            foreignKeyName: "kb_searches_run_id_fkey"
+            columns: ["run_id"]
+            isOneToOne: false
+            referencedRelation: "assistant_runs"
+            referencedColumns: ["id"]
+          },
+        ]
       }
       user_ai_settings: {
         Row: {
@@ -521,6 +986,10 @@ export type Database = {
         Args: { p_at?: string; p_window: string }
         Returns: string
       }
+      apply_profile_preferences: {
+        Args: { p_preferences: Json; p_user_id: string }
+        Returns: Json
+      }
       assistant_failure_text: {
         Args: { p_error_code: string }
         Returns: string
@@ -533,7 +1002,39 @@ export type Database = {
         Args: { p_error: string; p_error_code: string; p_run_id: string }
         Returns: undefined
       }
+      assistant_id_by_slug: { Args: { p_slug: string }; Returns: string }
       assistant_is_client: { Args: never; Returns: boolean }
+      attachment_object: {
+        Args: { p_bucket: string; p_path: string }
+        Returns: Json
+      }
+      claim_action_requests: {
+        Args: { p_lease_seconds?: number; p_limit?: number; p_worker: string }
+        Returns: {
+          action_type: string
+          attempts: number
+          created_at: string
+          decided_at: string | null
+          error_message: string | null
+          executed_at: string | null
+          id: string
+          lease_expires_at: string | null
+          lease_owner: string | null
+          message_id: string | null
+          payload: Json
+          result: Json | null
+          status: string
+          thread_id: string
+          updated_at: string
+          user_id: string
+        }[]
+        SetofOptions: {
+          from: "*"
+          to: "assistant_action_requests"
+          isOneToOne: false
+          isSetofReturn: true
+        }
+      }
       claim_runs: {
         Args: {
           p_chat_model?: string
@@ -543,6 +1044,7 @@ export type Database = {
           p_worker: string
         }
         Returns: {
+          assistant: Json
           attempt: number
           content: string
           history: Json
@@ -551,6 +1053,7 @@ export type Database = {
           message_created_at: string
           message_id: string
           plan_id: string
+          profile: Json
           run_id: string
           thread_id: string
           user_id: string
@@ -559,9 +1062,11 @@ export type Database = {
       }
       complete_run: {
         Args: {
+          p_actions?: Json
           p_attempt: number
           p_content: string
           p_cost_usd?: number
+          p_follow_ups?: Json
           p_input_tokens?: number
           p_latency_ms?: number
           p_metadata?: Json
@@ -573,6 +1078,7 @@ export type Database = {
         }
         Returns: string
       }
+      default_assistant_id: { Args: never; Returns: string }
       extend_lease: {
         Args: {
           p_attempt: number
@@ -597,7 +1103,51 @@ export type Database = {
         }
         Returns: string
       }
+      finish_action_request: {
+        Args: {
+          p_error?: string
+          p_id: string
+          p_result?: Json
+          p_succeeded: boolean
+        }
+        Returns: string
+      }
       get_replicate_token: { Args: { p_user_id: string }; Returns: Json }
+      kb_document_hashes: {
+        Args: { p_assistant_id?: string }
+        Returns: {
+          content_hash: string
+          source: string
+        }[]
+      }
+      kb_upsert_document: {
+        Args: {
+          p_assistant_id?: string
+          p_chunks: Json
+          p_content_hash: string
+          p_metadata?: Json
+          p_source: string
+          p_title: string
+        }
+        Returns: string
+      }
+      match_kb_chunks: {
+        Args: {
+          p_assistant_id?: string
+          p_match_count?: number
+          p_match_threshold?: number
+          p_query_embedding: string
+        }
+        Returns: {
+          chunk_index: number
+          content: string
+          document_id: string
+          id: string
+          similarity: number
+          source: string
+          title: string
+        }[]
+      }
       my_ai_usage: {
         Args: never
         Returns: {
@@ -621,6 +1171,7 @@ export type Database = {
         }[]
       }
       refresh_ai_usage_reports: { Args: never; Returns: undefined }
+      register_action_types: { Args: { p_types: Json }; Returns: undefined }
       release_run: {
         Args: { p_attempt: number; p_run_id: string; p_worker: string }
         Returns: boolean
@@ -631,6 +1182,26 @@ export type Database = {
           due_now: number
           in_progress: number
           next_due_at: string
+        }[]
+      }
+      search_knowledge: {
+        Args: {
+          p_assistant_id?: string
+          p_match_count?: number
+          p_match_threshold?: number
+          p_query: string
+          p_query_embedding: string
+          p_run_id?: string
+          p_user_id?: string
+        }
+        Returns: {
+          chunk_index: number
+          content: string
+          document_id: string
+          id: string
+          similarity: number
+          source: string
+          title: string
         }[]
       }
       set_my_replicate_token: { Args: { p_token: string }; Returns: Json }
