@@ -34,7 +34,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDatabase]
 @pytest.fixture(scope="session")
 def template_db(cluster: LocalDatabase) -> str:
     url = cluster.create_database(TEMPLATE)
-    migrations.prepare(url, project_dir=PROJECT_DIR)
+    migrations.prepare(url, project_dir=PROJECT_DIR, seed=False)  # the demo data has its own test
     with psycopg.connect(url, autocommit=True) as conn:
         # Test data, not schema: a plan without limits, for tests about something other than limits.
         conn.execute("insert into ai_plans (id, name) values ('unlimited', 'Unlimited (tests)')")
