@@ -1046,6 +1046,7 @@ export type Database = {
         Returns: {
           assistant: Json
           attempt: number
+          blocked_code: string
           content: string
           history: Json
           image_url: string

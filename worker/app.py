@@ -14,6 +14,7 @@ import httpx
 
 from worker.attachments import ImageResolver, Signer, supabase_signer
 from worker.config import Settings
+from worker.observability import HealthServer
 from worker.pipeline import Worker
 from worker.provider import ReplicateClient
 from worker.store import PostgresStore, PostgrestStore, RunStore
@@ -70,6 +71,13 @@ async def serve(settings: Settings, database_url: str | None = None) -> Worker:
     try:
         async with replicate_http(settings) as http:
             worker = build_worker(settings, transport, http)
+            health = HealthServer(worker.metrics, worker.not_ready_because) if settings.metrics_enabled else None
+            if health:
+                try:
+                    await health.start(settings.metrics_host, settings.metrics_port)
+                except OSError as exc:  # e.g. a second worker on the same host and port
+                    log.error("metrics endpoint not started", extra={"event": "metrics.failed", "error": str(exc)})
+                    health = None
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, worker.stop)
@@ -78,6 +86,8 @@ async def serve(settings: Settings, database_url: str | None = None) -> Worker:
             finally:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+                if health:
+                    await health.stop()
             return worker
     finally:
         await transport.store.close()

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     worker_retry_base_seconds: float = Field(2, ge=0)
     worker_retry_max_seconds: float = Field(300, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_enabled: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9108, ge=0, le=65535)
 
     # Bring your own key, where Supabase Vault is absent: the Fernet key the worker encrypts users'
     # Replicate tokens with (`python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"`).

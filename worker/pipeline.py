@@ -19,6 +19,7 @@ from worker.attachments import ImageResolver
 from worker.byok import UserTokens
 from worker.config import Settings
 from worker.knowledge import Embedder, retrieve
+from worker.observability import Metrics
 from worker.prompts import (
     ActionSpec,
     Assistant,
@@ -59,6 +60,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._actions_due = True
         self.user_tokens = UserTokens(store, settings.byok_encryption_key)
+        self.metrics = Metrics()
 
     # -- the loop -------------------------------------------------------------------------------
     def wake(self, kind: str = "runs") -> None:
@@ -103,12 +105,17 @@ class Worker:
                     backoff = 0.2
                 except Exception as exc:  # the database is away: keep trying, never exit
                     self.counts["claim_errors"] += 1
+                    self.metrics.store_errors.inc()
                     log.warning("claim failed", extra={"event": "claim.failed", "error": str(exc)[:200]})
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
                 for run in runs:
-                    self._start(run)
+                    if run.blocked_code:  # refused at admission and already answered by the database
+                        self.counts["blocked"] += 1
+                        self.metrics.blocked.labels(run.blocked_code).inc()
+                    else:
+                        self._start(run)
                 full_batch = len(runs) == batch
             if self._actions_due:
                 await self._claim_actions()
@@ -136,19 +143,38 @@ class Worker:
             self.counts["actions"] += 1
 
     async def _maintenance(self) -> None:
-        """Background upkeep: encrypt BYOK tokens set without Vault; refresh operator reports."""
+        """Background upkeep every few seconds: queue gauges, BYOK tokens set without Vault to
+        encrypt, operator reports to refresh when due."""
         refresh_every = self.settings.usage_report_refresh_seconds
         last_refresh = 0.0
         loop = asyncio.get_running_loop()
         while True:
             try:
+                await self.check_database()
                 await self.user_tokens.encrypt_pending()
                 if refresh_every and loop.time() - last_refresh >= refresh_every:
                     await self.store.refresh_usage_reports()
                     last_refresh = loop.time()
             except Exception as exc:
                 log.warning("maintenance failed", extra={"event": "maintenance.failed", "error": str(exc)[:200]})
-            await asyncio.sleep(min(self.settings.worker_sweep_interval_seconds, refresh_every or 60))
+            await asyncio.sleep(min(self.settings.worker_sweep_interval_seconds, 5.0))
+
+    async def check_database(self) -> None:
+        """One cheap call: proves the database answers and samples the queue."""
+        status = await self.store.queue_status()
+        self.metrics.queue_depth.set(status.due_now)
+        self.metrics.queue_in_progress.set(status.in_progress)
+        self.metrics.wakeups_live.set(1 if self.wakeups.live else 0)
+
+    async def not_ready_because(self) -> str | None:
+        """None when ready: the database answers and wake-ups are live."""
+        try:
+            await self.check_database()
+        except Exception as exc:
+            return f"database unavailable: {type(exc).__name__}"
+        if not self.wakeups.live:
+            return "the wake-up subscription is not live"
+        return None
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -156,14 +182,17 @@ class Worker:
 
     def _start(self, run: ClaimedRun) -> None:
         self.counts["claimed"] += 1
+        self.metrics.claimed.inc()
         log.info("run claimed", extra={"event": "run.claimed", "run_id": str(run.run_id),
                                        "message_id": str(run.message_id), "attempt": run.attempt})
         task = asyncio.create_task(self._process(run), name=f"run-{run.run_id}")
         self.inflight[run.run_id] = task
         self.peak_inflight = max(self.peak_inflight, len(self.inflight))
+        self.metrics.in_flight.set(len(self.inflight))
 
         def done(_: asyncio.Task[None]) -> None:
             self.inflight.pop(run.run_id, None)
+            self.metrics.in_flight.set(len(self.inflight))
             self.wake()  # a slot is free
 
         task.add_done_callback(done)
@@ -211,6 +240,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.store.release(run, self.settings.worker_id))
             self.counts["released"] += 1
+            self.metrics.released.inc()
             raise
         except Exception as exc:
             log.exception("run crashed", extra={"event": "run.crashed", "run_id": str(run.run_id)})
@@ -278,6 +308,13 @@ class Worker:
             input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost,
             latency_ms=prediction.latency_ms, metadata=metadata, follow_ups=reply.follow_ups, actions=reply.actions))
         self.counts["completed"] += 1
+        self.metrics.completed.labels(request.model.slug).inc()
+        self.metrics.provider_latency.labels(request.model.slug).observe(prediction.latency_ms / 1000)
+        first_token = prediction.metrics.get("time_to_first_token")
+        if isinstance(first_token, (int, float)):
+            self.metrics.time_to_first_token.labels(request.model.slug).observe(float(first_token))
+        if cost is not None:
+            self.metrics.cost.labels(request.model.slug).inc(float(cost))
         log.info("run completed", extra={"event": "run.completed", "run_id": str(run.run_id),
                                          "message_id": str(run.message_id), "attempt": run.attempt,
                                          "model": request.model.slug, "latency_ms": prediction.latency_ms,
@@ -293,6 +330,7 @@ class Worker:
             run, code=error.code, error=error.message, retryable=error.retryable, retry_in=retry_in,
             model=model, prediction_id=error.prediction_id, latency_ms=None))
         self.counts[f"failed.{error.code}"] += 1
+        self.metrics.failed.labels(error.code).inc()
         log.warning("run attempt failed", extra={"event": "run.failed", "run_id": str(run.run_id),
                                                  "message_id": str(run.message_id), "attempt": run.attempt,
                                                  "error_code": error.code, "status": status, "model": model})

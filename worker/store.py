@@ -41,16 +41,17 @@ class ClaimedRun:
     uses_own_key: bool = False
     assistant: dict[str, Any] | None = None
     profile: dict[str, Any] | None = None
+    blocked_code: str | None = None  # refused at admission: finished by the database already
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ClaimedRun:
         return cls(
             run_id=uuid.UUID(str(row["run_id"])), message_id=uuid.UUID(str(row["message_id"])),
             thread_id=uuid.UUID(str(row["thread_id"])), user_id=uuid.UUID(str(row["user_id"])),
-            attempt=int(row["attempt"]), max_attempts=int(row["max_attempts"]), content=row["content"],
+            attempt=int(row["attempt"]), max_attempts=int(row["max_attempts"]), content=row["content"] or "",
             image_url=row["image_url"], history=list(row["history"] or []),
             plan_id=row.get("plan_id") or "free", uses_own_key=bool(row.get("uses_own_key")),
-            assistant=row.get("assistant"), profile=row.get("profile"),
+            assistant=row.get("assistant"), profile=row.get("profile"), blocked_code=row.get("blocked_code"),
         )
 
 

@@ -86,8 +86,8 @@ $$;
 -- lease (its worker died). SKIP LOCKED lets any number of workers claim side by side. Each claim
 -- counts an attempt; a run whose lease expired on its last attempt is failed instead.
 -- A run is admitted against its user's plan once, at its first claim (admit_request); a refused
--- run ends as blocked here and is not returned (p_chat_model / p_vision_model name the model it
--- would have gone to, for its event).
+-- run ends as blocked here and is returned only with its blocked_code set (p_chat_model /
+-- p_vision_model name the model it would have gone to, for its event).
 -- Returns what the worker needs to build the model input, in the same round trip: the message,
 -- up to 50 earlier messages of its thread (oldest first, failure and refusal notices left out),
 -- the user's plan, the thread's assistant (the default one if it has none) and the user's AI
@@ -114,7 +114,8 @@ returns table (
   plan_id text,
   uses_own_key boolean,
   assistant jsonb,
-  profile jsonb
+  profile jsonb,
+  blocked_code text
 )
 language plpgsql
 set search_path = ''
@@ -124,6 +125,7 @@ declare
   claimed record;
   verdict jsonb;
   admitted uuid[] := '{}';
+  blocked uuid[] := '{}';
 begin
   if p_limit is null or p_limit < 1 or p_limit > 1000 then
     raise exception 'p_limit must be between 1 and 1000 (got %)', p_limit using errcode = '22023';
@@ -176,6 +178,7 @@ begin
       if not (verdict ->> 'admitted')::boolean then
         perform public.assistant_finish_blocked(claimed.id, verdict,
           case when claimed.vision then p_vision_model else p_chat_model end);
+        blocked := blocked || claimed.id;
         continue;
       end if;
       update public.assistant_runs set admitted_at = now() where id = claimed.id;
@@ -204,12 +207,21 @@ begin
            where a.id = coalesce(t.assistant_id, public.default_assistant_id())),
          (select jsonb_build_object('goals', f.goals, 'experience_level', f.experience_level,
                                     'preferences', f.preferences)
-            from public.ai_profiles f where f.user_id = r.user_id)
+            from public.ai_profiles f where f.user_id = r.user_id),
+         null::text
     from public.assistant_runs r
     join public.assistant_messages m on m.id = r.message_id
     join public.assistant_threads t on t.id = r.thread_id
     join public.ai_plans p on p.id = public.ai_plan_of(r.user_id)
    where r.id = any(admitted);
+
+  -- Runs refused at admission come back too, marked, so the worker can count them; they are
+  -- already finished (blocked) and carry nothing to work on.
+  return query
+  select r.id, r.message_id, r.thread_id, r.user_id, r.attempts, r.max_attempts, null::text, null::text,
+         null::timestamptz, '[]'::jsonb, null::text, false, null::jsonb, null::jsonb, r.last_error_code
+    from public.assistant_runs r
+   where r.id = any(blocked);
 end
 $$;
 
