@@ -78,7 +78,7 @@ class HealthServer:
 
     async def _readyz(self, _: web.Request) -> web.Response:
         try:
-            reason = await asyncio.wait_for(self.ready(), timeout=5)
+            reason = await asyncio.wait_for(self.ready(), timeout=2)
         except Exception as exc:  # a check that hangs or fails is a "not ready"
             reason = f"readiness check failed: {type(exc).__name__}"
         if reason:

@@ -161,6 +161,7 @@ class ReplicateSimulator:
     base_url: str = ""
     _runner: web.AppRunner | None = None
     _ids: Any = field(default_factory=lambda: itertools.count(1))
+    _closing: asyncio.Event = field(default_factory=asyncio.Event)
 
     def inject(self, *faults: Fault) -> None:
         self.faults.extend(faults)
@@ -184,6 +185,7 @@ class ReplicateSimulator:
         return self.base_url
 
     async def stop(self) -> None:
+        self._closing.set()
         if self._runner:
             await self._runner.cleanup()
 
@@ -233,7 +235,8 @@ class ReplicateSimulator:
 
         fault = self.faults.pop(0) if self.faults else None
         if fault and fault.kind == "hang":
-            await asyncio.sleep(3600)
+            await self._closing.wait()  # until the client gives up, or the simulator stops
+            return web.Response(status=503)
         if fault and fault.kind == "garbage":
             return web.Response(status=201, text="<html>bad gateway</html>", content_type="text/html")
         if fault and fault.kind == "http":

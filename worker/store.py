@@ -136,7 +136,9 @@ class PostgresStore(RunStore):
 
     @classmethod
     async def connect(cls, url: str, max_size: int = 10) -> PostgresStore:
-        pool = AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False,
+        # A short checkout timeout: while the database is away, calls fail fast (StoreUnavailable)
+        # and the worker's own backoff takes over, instead of each call hanging for 30 s.
+        pool = AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False, timeout=5,
                                    kwargs={"autocommit": True, "row_factory": dict_row})
         await pool.open(wait=True, timeout=30)
         return cls(pool)
