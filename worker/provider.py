@@ -24,6 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from worker.config import ModelProfile, Settings
 
 TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
+PREDICTION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # it goes into URLs: nothing else is accepted
 THROTTLE_RESET = re.compile(r"resets in ~?(\d+(?:\.\d+)?)\s*s")
 
 
@@ -160,8 +161,10 @@ class ReplicateClient:
             body = response.json()
         except ValueError as exc:
             raise ProviderError("invalid_output", "Replicate answered with something that is not JSON", retryable=True) from exc
-        if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not isinstance(body.get("status"), str):
-            raise ProviderError("invalid_output", "Replicate answered without a prediction id and status", retryable=True)
+        if not isinstance(body, dict) or not isinstance(body.get("status"), str) \
+                or not isinstance(body.get("id"), str) or not PREDICTION_ID.fullmatch(body["id"]):
+            raise ProviderError("invalid_output", "Replicate answered without a valid prediction id and status",
+                                retryable=True)
         return body
 
     async def create(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None) -> dict[str, Any]:
