@@ -44,3 +44,10 @@ db-reset: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Benchmarks on the local stack (see bench/README.md): writes bench/results/report.json and
+# report.png. `.venv/bin/python -m bench --quick` is the ~1-minute smoke version.
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'procrastinate>=3' matplotlib psutil
+	$(BIN)/python -m bench

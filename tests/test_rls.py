@@ -249,6 +249,6 @@ def test_policy_columns_are_indexed(world: World) -> None:
            and not exists (
              select 1 from pg_index i
                join pg_attribute a on a.attrelid = i.indrelid and a.attnum = i.indkey[0]
-              where i.indrelid = format('public.%I', p.tablename)::regclass and a.attname = 'user_id')
+              where i.indrelid = format('%I.%I', p.schemaname, p.tablename)::regclass and a.attname = 'user_id')
     """)]
     assert unindexed == []

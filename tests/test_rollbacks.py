@@ -17,7 +17,7 @@ union all select 'function ' || proname from pg_proc where pronamespace = 'publi
 union all select 'published ' || tablename from pg_publication_tables where pubname = 'supabase_realtime'
 union all select 'trigger ' || tgname from pg_trigger where tgrelid = 'auth.users'::regclass
 union all select 'bucket ' || id from storage.buckets
-union all select 'policy ' || policyname from pg_policies where schemaname in ('public', 'storage')
+union all select 'policy ' || policyname from pg_policies where schemaname in ('public', 'storage', 'realtime')
 union all select 'migration ' || version from supabase_migrations.schema_migrations
 """
 

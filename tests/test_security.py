@@ -28,7 +28,7 @@ from worker.provider import ProviderError, ReplicateClient
 # What app clients may execute; everything else in `public` is service-only. Pure helpers and
 # trigger functions are listed so that a new function has to be placed deliberately.
 CLIENT_FUNCTIONS = {
-    "my_ai_usage", "my_replicate_token_status", "set_my_replicate_token",  # the client API
+    "my_ai_usage", "my_replicate_token_status", "set_my_replicate_token", "cancel_run",  # the client API
     "default_assistant_id",  # the column default of assistant_threads.assistant_id
     "ai_refusal_text", "ai_window_start", "ai_window_end", "assistant_failure_text", "assistant_is_client",  # pure
 }
@@ -97,13 +97,14 @@ def test_arbitrary_client_inserts_are_stored_exactly_or_refused(fuzz_world, cont
             with conn.transaction():
                 row = cur.execute(
                     "insert into assistant_messages (thread_id, role, content, metadata_json, image_url)"
-                    " values (%s, %s, %s, %s, %s) returning role, content, metadata_json, image_url, id",
-                    (thread, role, content, json.dumps(metadata), image_url)).fetchone()
+                    " values (%s, %s, %s, %s, %s)"
+                    " returning role, content, metadata_json = %s::jsonb, image_url, id",
+                    (thread, role, content, json.dumps(metadata), image_url, json.dumps(metadata))).fetchone()
         except REFUSALS as refusal:
             assert refusal.diag.message_primary  # every refusal says why
             return
         assert row[0] == "user" and role == "user"
-        assert row[1] == content and row[2] == metadata and row[3] == image_url
+        assert row[1] == content and row[2] is True and row[3] == image_url  # jsonb equality: numbers as numbers
         assert 1 <= len(content) <= 8000 and isinstance(metadata, dict)
         assert image_url is None or image_url.startswith(("https://", "storage://"))
         assert cur.execute("select status from assistant_runs where message_id = %s", (row[4],)).fetchone() == ("queued",)

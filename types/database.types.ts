@@ -415,6 +415,7 @@ export type Database = {
           safety_flags_json: Json
           status: string
           thread_id: string | null
+          time_to_first_token_ms: number | null
           user_id: string
         }
         Insert: {
@@ -434,6 +435,7 @@ export type Database = {
           safety_flags_json?: Json
           status: string
           thread_id?: string | null
+          time_to_first_token_ms?: number | null
           user_id: string
         }
         Update: {
@@ -453,6 +455,7 @@ export type Database = {
           safety_flags_json?: Json
           status?: string
           thread_id?: string | null
+          time_to_first_token_ms?: number | null
           user_id?: string
         }
         Relationships: [
@@ -543,6 +546,7 @@ export type Database = {
         Row: {
           admitted_at: string | null
           attempts: number
+          cancel_requested_at: string | null
           created_at: string
           finished_at: string | null
           id: string
@@ -561,6 +565,7 @@ export type Database = {
         Insert: {
           admitted_at?: string | null
           attempts?: number
+          cancel_requested_at?: string | null
           created_at?: string
           finished_at?: string | null
           id?: string
@@ -579,6 +584,7 @@ export type Database = {
         Update: {
           admitted_at?: string | null
           attempts?: number
+          cancel_requested_at?: string | null
           created_at?: string
           finished_at?: string | null
           id?: string
@@ -1004,10 +1010,13 @@ export type Database = {
       }
       assistant_id_by_slug: { Args: { p_slug: string }; Returns: string }
       assistant_is_client: { Args: never; Returns: boolean }
+      assistant_schema_version: { Args: never; Returns: string }
       attachment_object: {
         Args: { p_bucket: string; p_path: string }
         Returns: Json
       }
+      cancel_run: { Args: { p_run_id: string }; Returns: string }
+      cancelled_runs: { Args: { p_run_ids: string[] }; Returns: string[] }
       claim_action_requests: {
         Args: { p_lease_seconds?: number; p_limit?: number; p_worker: string }
         Returns: {
@@ -1076,6 +1085,7 @@ export type Database = {
           p_prediction_id?: string
           p_provider?: string
           p_run_id: string
+          p_time_to_first_token_ms?: number
         }
         Returns: string
       }
@@ -1112,6 +1122,10 @@ export type Database = {
           p_succeeded: boolean
         }
         Returns: string
+      }
+      finish_cancelled: {
+        Args: { p_consumed: Json; p_run_id: string }
+        Returns: undefined
       }
       get_replicate_token: { Args: { p_user_id: string }; Returns: Json }
       kb_document_hashes: {

@@ -80,6 +80,80 @@ begin
 end
 $$;
 
+-- Ends a run as cancelled by its user: no reply; an inference event with status cancelled and,
+-- when a prediction had started (p_consumed: attempt, model, prediction_id, tokens, cost,
+-- latency), what it consumed, which is also counted against the user's limits.
+create function public.finish_cancelled(p_run_id uuid, p_consumed jsonb) returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  run public.assistant_runs;
+  consumed jsonb := coalesce(p_consumed, '{}'::jsonb);
+begin
+  select * into run from public.assistant_runs where id = p_run_id;
+  insert into public.assistant_inference_events
+    (user_id, thread_id, message_id, run_id, attempt, provider, model, prediction_id, status, latency_ms,
+     input_tokens, output_tokens, cost_estimate_usd, error_code)
+  values
+    (run.user_id, run.thread_id, run.message_id, run.id, coalesce((consumed ->> 'attempt')::integer, greatest(run.attempts, 1)),
+     coalesce(consumed ->> 'provider', 'replicate'), coalesce(consumed ->> 'model', 'not_started'),
+     consumed ->> 'prediction_id', 'cancelled', (consumed ->> 'latency_ms')::integer,
+     (consumed ->> 'input_tokens')::integer, (consumed ->> 'output_tokens')::integer,
+     (consumed ->> 'cost_usd')::numeric, 'cancelled')
+  on conflict (run_id, attempt) where run_id is not null do nothing;
+  if coalesce((consumed ->> 'input_tokens')::integer, 0) + coalesce((consumed ->> 'output_tokens')::integer, 0) > 0
+     or coalesce((consumed ->> 'cost_usd')::numeric, 0) > 0 then
+    perform public.ai_usage_add(run.user_id, jsonb_build_object(
+      'tokens', coalesce((consumed ->> 'input_tokens')::integer, 0) + coalesce((consumed ->> 'output_tokens')::integer, 0),
+      'cost_usd', coalesce((consumed ->> 'cost_usd')::numeric, 0)));
+  end if;
+  update public.assistant_runs
+     set status = 'cancelled', lease_owner = null, lease_expires_at = null, finished_at = now(),
+         last_error_code = 'cancelled', last_error = 'cancelled by the user'
+   where id = p_run_id;
+end
+$$;
+
+-- What a user calls to stop their own request. A queued run ends cancelled at once (it was never
+-- admitted, so nothing is counted); a running one is flagged, and its worker stops waiting,
+-- cancels the prediction at Replicate and ends it (NOTIFY assistant_cancel wakes it at once on
+-- the postgres transport; workers also look for flagged runs every second).
+create function public.cancel_run(p_run_id uuid) returns text
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  run public.assistant_runs;
+begin
+  select * into run from public.assistant_runs where id = p_run_id for update;
+  if not found or run.user_id is distinct from auth.uid() then
+    raise exception 'request % not found', p_run_id using errcode = 'P0002',
+      hint = 'you can cancel only your own requests';
+  end if;
+  if run.status not in ('queued', 'in_progress') then
+    raise exception 'this request already ended (%)', run.status using errcode = '22023';
+  end if;
+  if run.status = 'queued' then
+    perform public.finish_cancelled(p_run_id, null);
+    return 'cancelled';
+  end if;
+  update public.assistant_runs set cancel_requested_at = coalesce(cancel_requested_at, now()) where id = p_run_id;
+  perform pg_notify('assistant_cancel', p_run_id::text);
+  return 'cancelling';
+end
+$$;
+
+-- For the worker: which of these runs (its runs in flight) their users asked to cancel.
+create function public.cancelled_runs(p_run_ids uuid[]) returns setof uuid
+language sql stable
+set search_path = ''
+as $$
+  select r.id from public.assistant_runs r
+   where r.id = any(p_run_ids) and r.cancel_requested_at is not null and r.status = 'in_progress'
+$$;
+
 -------------------------------------------------------------------------------------------------
 -- claim_runs: take up to p_limit due runs for p_worker, with a lease of p_lease_seconds.
 -- A run is due when queued and its next attempt time has come, or in progress with an expired
@@ -134,15 +208,22 @@ begin
     raise exception 'p_lease_seconds must be between 5 and 3600 (got %)', p_lease_seconds using errcode = '22023';
   end if;
 
+  -- Runs whose worker died: on their last attempt they fail; if their user asked to cancel
+  -- them, they end cancelled.
   for stale in
     select r.id from public.assistant_runs r
-     where r.status = 'in_progress' and r.lease_expires_at <= now() and r.attempts >= r.max_attempts
+     where r.status = 'in_progress' and r.lease_expires_at <= now()
+       and (r.attempts >= r.max_attempts or r.cancel_requested_at is not null)
      order by r.lease_expires_at
      limit p_limit
      for update skip locked
   loop
-    perform public.assistant_finish_failed(stale, 'lease_expired',
-      'the lease of the last attempt expired before the run finished');
+    if (select cancel_requested_at from public.assistant_runs where id = stale) is not null then
+      perform public.finish_cancelled(stale, null);
+    else
+      perform public.assistant_finish_failed(stale, 'lease_expired',
+        'the lease of the last attempt expired before the run finished');
+    end if;
   end loop;
 
   for claimed in
@@ -246,7 +327,8 @@ create function public.complete_run(
   p_latency_ms integer default null,
   p_metadata jsonb default '{}'::jsonb,
   p_follow_ups jsonb default '[]'::jsonb,
-  p_actions jsonb default '[]'::jsonb
+  p_actions jsonb default '[]'::jsonb,
+  p_time_to_first_token_ms integer default null
 ) returns uuid
 language plpgsql
 set search_path = ''
@@ -264,6 +346,15 @@ begin
   if run.status not in ('queued', 'in_progress') then
     select id into reply_id from public.assistant_messages where reply_to = run.message_id;
     return reply_id;
+  end if;
+  if run.cancel_requested_at is not null then
+    -- The user cancelled while the answer was on its way: no reply, but what the prediction
+    -- consumed is recorded and counted.
+    perform public.finish_cancelled(p_run_id, jsonb_build_object(
+      'attempt', p_attempt, 'model', p_model, 'provider', p_provider, 'prediction_id', p_prediction_id,
+      'input_tokens', p_input_tokens, 'output_tokens', p_output_tokens, 'cost_usd', p_cost_usd,
+      'latency_ms', p_latency_ms));
+    return null;
   end if;
   if char_length(btrim(body)) = 0 then
     raise exception 'a reply cannot be empty' using errcode = '22023';
@@ -285,10 +376,10 @@ begin
 
   insert into public.assistant_inference_events
     (user_id, thread_id, message_id, run_id, attempt, provider, model, prediction_id, status,
-     latency_ms, input_tokens, output_tokens, cost_estimate_usd)
+     latency_ms, input_tokens, output_tokens, cost_estimate_usd, time_to_first_token_ms)
   values
     (run.user_id, run.thread_id, run.message_id, run.id, p_attempt, p_provider, p_model, p_prediction_id,
-     'succeeded', p_latency_ms, p_input_tokens, p_output_tokens, p_cost_usd)
+     'succeeded', p_latency_ms, p_input_tokens, p_output_tokens, p_cost_usd, p_time_to_first_token_ms)
   on conflict (run_id, attempt) where run_id is not null do nothing;
 
   insert into public.assistant_follow_ups (user_id, thread_id, message_id, position, suggestion)
@@ -427,20 +518,28 @@ $$;
 
 -- Only the worker (service role) calls these; PostgREST exposes nothing else of them.
 revoke execute on function
+  public.finish_cancelled(uuid, jsonb),
+  public.cancelled_runs(uuid[]),
   public.assistant_finish_failed(uuid, text, text),
   public.assistant_finish_blocked(uuid, jsonb, text),
   public.claim_runs(text, integer, integer, text, text),
-  public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer, jsonb, jsonb, jsonb),
+  public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer, jsonb, jsonb, jsonb,
+                      integer),
   public.fail_attempt(uuid, integer, text, text, boolean, double precision, text, text, text, integer),
   public.release_run(uuid, text, integer),
   public.extend_lease(uuid, text, integer, integer),
   public.run_queue_status()
   from public, anon, authenticated;
+revoke execute on function public.cancel_run(uuid) from public, anon;
+grant execute on function public.cancel_run(uuid) to authenticated, service_role;
 grant execute on function
+  public.finish_cancelled(uuid, jsonb),
+  public.cancelled_runs(uuid[]),
   public.assistant_finish_failed(uuid, text, text),
   public.assistant_finish_blocked(uuid, jsonb, text),
   public.claim_runs(text, integer, integer, text, text),
-  public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer, jsonb, jsonb, jsonb),
+  public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer, jsonb, jsonb, jsonb,
+                      integer),
   public.fail_attempt(uuid, integer, text, text, boolean, double precision, text, text, text, integer),
   public.release_run(uuid, text, integer),
   public.extend_lease(uuid, text, integer, integer),
