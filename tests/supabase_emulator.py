@@ -111,6 +111,7 @@ class SupabaseEmulator:
     rpc_calls: list[dict[str, Any]] = field(default_factory=list)
     joins: list[dict[str, Any]] = field(default_factory=list)
     signed: list[dict[str, Any]] = field(default_factory=list)
+    broadcasts: list[dict[str, Any]] = field(default_factory=list)
     subscriptions: list[Subscription] = field(default_factory=list)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     refuse_until: float = 0.0
@@ -127,6 +128,7 @@ class SupabaseEmulator:
         app.router.add_post("/rest/v1/rpc/{fn}", self._rpc)
         app.router.add_get("/realtime/v1/websocket", self._websocket)
         app.router.add_post("/storage/v1/object/sign/{bucket}/{path:.+}", self._sign)
+        app.router.add_post("/realtime/v1/api/broadcast", self._broadcast)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -225,6 +227,23 @@ class SupabaseEmulator:
         if returns_void:
             return web.Response(status=204)
         return web.Response(status=200, content_type="application/json", charset="utf-8", text=json.dumps(row[0]))
+
+    # -- Realtime Broadcast over REST ----------------------------------------------------------
+    async def _broadcast(self, request: web.Request) -> web.StreamResponse:
+        """`POST /realtime/v1/api/broadcast` {"messages": [{topic, event, payload, private}]} -> 202."""
+        claims = self._claims(request)
+        if isinstance(claims, web.Response):
+            return claims
+        if request.headers.get("apikey") is None:
+            return web.json_response({"message": "No API key found in request"}, status=401)
+        body = await request.json()
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and {"topic", "event", "payload"} <= set(m)
+                                                     for m in messages):
+            return web.json_response({"errors": {"messages": ["is invalid"]}}, status=422)
+        for message in messages:
+            self.broadcasts.append({**message, "role": claims.get("role")})
+        return web.Response(status=202)
 
     # -- Storage --------------------------------------------------------------------------------
     async def _sign(self, request: web.Request) -> web.StreamResponse:

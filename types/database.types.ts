@@ -1016,7 +1016,12 @@ export type Database = {
         Returns: Json
       }
       cancel_run: { Args: { p_run_id: string }; Returns: string }
-      cancelled_runs: { Args: { p_run_ids: string[] }; Returns: string[] }
+      cancelled_runs: {
+        Args: { p_run_ids: Json }
+        Returns: {
+          run_id: string
+        }[]
+      }
       claim_action_requests: {
         Args: { p_lease_seconds?: number; p_limit?: number; p_worker: string }
         Returns: {

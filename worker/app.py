@@ -18,6 +18,7 @@ from worker.observability import HealthServer
 from worker.pipeline import Worker
 from worker.provider import ReplicateClient
 from worker.store import PostgresStore, PostgrestStore, RunStore
+from worker.streaming import BroadcastPublisher, NotifyPublisher, Publisher
 from worker.wakeups import ListenWakeups, RealtimeWakeups
 
 log = logging.getLogger("worker.app")
@@ -60,9 +61,19 @@ async def replicate_http(settings: Settings) -> AsyncIterator[httpx.AsyncClient]
         yield http
 
 
+def publisher_for(settings: Settings, transport: Transport, http: httpx.AsyncClient) -> Publisher | None:
+    """Realtime Broadcast where Supabase is configured, else NOTIFY on a direct connection."""
+    if settings.supabase_url and settings.supabase_service_role_key:
+        return BroadcastPublisher(http, settings.supabase_url, settings.supabase_service_role_key.get_secret_value())
+    if isinstance(transport.store, PostgresStore):
+        return NotifyPublisher(transport.store.pool)
+    return None
+
+
 def build_worker(settings: Settings, transport: Transport, http: httpx.AsyncClient) -> Worker:
     return Worker(settings, transport.store, ReplicateClient(http, settings), transport.wakeups,
-                  images=ImageResolver(settings, transport.store, http, signer=transport.signer))
+                  images=ImageResolver(settings, transport.store, http, signer=transport.signer),
+                  publisher=publisher_for(settings, transport, http))
 
 
 async def serve(settings: Settings, database_url: str | None = None) -> Worker:

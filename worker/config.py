@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     worker_retry_base_seconds: float = Field(2, ge=0)
     worker_retry_max_seconds: float = Field(300, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    stream_replies: bool = True
+    stream_publish_interval_ms: int = Field(100, ge=0, le=5000)
     metrics_enabled: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9108, ge=0, le=65535)

@@ -29,8 +29,9 @@ from worker.prompts import (
     estimate_tokens,
     parse_reply,
 )
-from worker.provider import Prediction, ProviderError, ReplicateClient, estimate_cost
+from worker.provider import Prediction, PredictionHandle, ProviderError, ReplicateClient, estimate_cost
 from worker.store import ClaimedRun, RunGone, RunStore, StoreUnavailable
+from worker.streaming import Publisher, ReplyRelay
 
 log = logging.getLogger("worker.pipeline")
 T = TypeVar("T")
@@ -44,7 +45,8 @@ class Wakeups(Protocol):
 
 class Worker:
     def __init__(self, settings: Settings, store: RunStore, provider: ReplicateClient, wakeups: Wakeups, *,
-                 images: ImageResolver | None = None, actions: ActionRegistry = default_registry) -> None:
+                 images: ImageResolver | None = None, actions: ActionRegistry = default_registry,
+                 publisher: Publisher | None = None) -> None:
         self.settings = settings
         self.store = store
         self.provider = provider
@@ -61,12 +63,18 @@ class Worker:
         self._actions_due = True
         self.user_tokens = UserTokens(store, settings.byok_encryption_key)
         self.metrics = Metrics()
+        self.publisher = publisher if settings.stream_replies else None
+        self.cancelling: set[uuid.UUID] = set()
+        self._check_cancellations = asyncio.Event()
 
     # -- the loop -------------------------------------------------------------------------------
     def wake(self, kind: str = "runs") -> None:
         """A hint that work may be waiting: "runs" (a user message) or "actions" (an approval)."""
         if kind == "actions":
             self._actions_due = True
+        if kind == "cancel":
+            self._check_cancellations.set()
+            return
         self._wake.set()
 
     def stop(self) -> None:
@@ -77,13 +85,14 @@ class Worker:
         """Until stop(): claim and process; then drain within the shutdown grace period."""
         wakeups = asyncio.create_task(self.wakeups.run(self.wake), name="wakeups")
         maintenance = asyncio.create_task(self._maintenance(), name="maintenance")
+        cancellations = asyncio.create_task(self._watch_cancellations(), name="cancellations")
         log.info("worker started", extra={"event": "worker.started", "worker_id": self.settings.worker_id,
                                           "concurrency": self.settings.worker_concurrency})
         try:
             await self._store_call(lambda: self.store.call("register_action_types", {"p_types": self.actions.as_rows()}))
             await self._claim_loop()
         finally:
-            for task in (wakeups, maintenance):
+            for task in (wakeups, maintenance, cancellations):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
@@ -159,6 +168,26 @@ class Worker:
                 log.warning("maintenance failed", extra={"event": "maintenance.failed", "error": str(exc)[:200]})
             await asyncio.sleep(min(self.settings.worker_sweep_interval_seconds, 5.0))
 
+    async def _watch_cancellations(self) -> None:
+        """Stops the runs their users cancelled: at once on a hint (NOTIFY assistant_cancel),
+        otherwise within a second (one query for all runs in flight)."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._check_cancellations.wait(), timeout=1.0)
+            self._check_cancellations.clear()
+            if not self.inflight:
+                continue
+            try:
+                flagged = await self.store.cancelled_runs(list(self.inflight))
+            except Exception as exc:
+                log.warning("cancellation check failed", extra={"event": "cancel.check_failed", "error": str(exc)[:200]})
+                continue
+            for run_id in flagged:
+                task = self.inflight.get(run_id)
+                if task is not None and run_id not in self.cancelling:
+                    self.cancelling.add(run_id)
+                    task.cancel()
+
     async def check_database(self) -> None:
         """One cheap call: proves the database answers and samples the queue."""
         status = await self.store.queue_status()
@@ -213,6 +242,7 @@ class Worker:
     async def _process(self, run: ClaimedRun) -> None:
         lease = asyncio.create_task(self._keep_lease(run))
         request: ModelRequest | None = None
+        handle = PredictionHandle()
         try:
             assistant = Assistant.from_row(run.assistant, self.settings)
             try:
@@ -222,7 +252,14 @@ class Worker:
                                         profile=run.profile, knowledge=knowledge,
                                         actions=[ActionSpec(t.name, t.description) for t in self.actions.types.values()])
                 token = await self.user_tokens.token_for(run.user_id) if run.uses_own_key else None
-                prediction = await self.provider.predict(request.model, request.input, token)
+                relay = (ReplyRelay(self.publisher, run.thread_id, run.run_id, run.message_id,
+                                    self.settings.stream_publish_interval_ms / 1000) if self.publisher else None)
+                try:
+                    prediction = await self.provider.predict(request.model, request.input, token, handle=handle,
+                                                             on_text=relay.update if relay else None)
+                finally:
+                    if relay:
+                        await relay.flush(done=True)
             except ProviderError as exc:
                 if run.uses_own_key and exc.code in ("unauthorized", "billing_required"):
                     # The user's own account answered: say so, not "the assistant is misconfigured".
@@ -235,6 +272,16 @@ class Worker:
             self.counts["gone"] += 1
             log.info("run gone", extra={"event": "run.gone", "run_id": str(run.run_id)})
         except asyncio.CancelledError:
+            if run.run_id in self.cancelling:
+                # The user cancelled: the prediction was cancelled at Replicate by the provider;
+                # record what it consumed. No reply.
+                self.cancelling.discard(run.run_id)
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.store.finish_cancelled(run, self._consumed(run, request, handle)))
+                self.counts["cancelled"] += 1
+                log.info("run cancelled", extra={"event": "run.cancelled", "run_id": str(run.run_id),
+                                                 "prediction_id": handle.prediction_id})
+                return
             # Shutdown past the grace period: give the run back untouched (the prediction was
             # cancelled at Replicate by the provider).
             with contextlib.suppress(Exception):
@@ -249,6 +296,21 @@ class Worker:
                 await self._fail(run, request, error)
         finally:
             lease.cancel()
+
+    def _consumed(self, run: ClaimedRun, request: ModelRequest | None, handle: PredictionHandle) -> dict[str, Any] | None:
+        """What a cancelled prediction used, from the state Replicate last reported."""
+        if handle.prediction_id is None or request is None:
+            return None
+        metrics = handle.last.get("metrics") if isinstance(handle.last.get("metrics"), dict) else {}
+        input_tokens, output_tokens = metrics.get("input_token_count"), metrics.get("output_token_count")
+        predict_time = metrics.get("predict_time")
+        cost = estimate_cost(request.model, input_tokens if isinstance(input_tokens, int) else None,
+                             output_tokens if isinstance(output_tokens, int) else None,
+                             float(predict_time) if isinstance(predict_time, (int, float)) else None)
+        return {"attempt": run.attempt, "model": request.model.slug, "prediction_id": handle.prediction_id,
+                "input_tokens": input_tokens if isinstance(input_tokens, int) else None,
+                "output_tokens": output_tokens if isinstance(output_tokens, int) else None,
+                "cost_usd": float(cost) if cost is not None else None}
 
     async def _knowledge(self, run: ClaimedRun, assistant: Assistant) -> tuple[list[KnowledgeChunk], str | None]:
         """Retrieved chunks for an assistant with a knowledge base. A failed retrieval does not
@@ -306,13 +368,13 @@ class Worker:
         await self._store_call(lambda: self.store.complete(
             run, content=reply.content, model=request.model.slug, prediction_id=prediction.id,
             input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost,
-            latency_ms=prediction.latency_ms, metadata=metadata, follow_ups=reply.follow_ups, actions=reply.actions))
+            latency_ms=prediction.latency_ms, metadata=metadata, follow_ups=reply.follow_ups, actions=reply.actions,
+            time_to_first_token_ms=prediction.time_to_first_token_ms))
         self.counts["completed"] += 1
         self.metrics.completed.labels(request.model.slug).inc()
         self.metrics.provider_latency.labels(request.model.slug).observe(prediction.latency_ms / 1000)
-        first_token = prediction.metrics.get("time_to_first_token")
-        if isinstance(first_token, (int, float)):
-            self.metrics.time_to_first_token.labels(request.model.slug).observe(float(first_token))
+        if prediction.time_to_first_token_ms is not None:
+            self.metrics.time_to_first_token.labels(request.model.slug).observe(prediction.time_to_first_token_ms / 1000)
         if cost is not None:
             self.metrics.cost.labels(request.model.slug).inc(float(cost))
         log.info("run completed", extra={"event": "run.completed", "run_id": str(run.run_id),

@@ -206,6 +206,21 @@ def build_request(settings: Settings, history: list[dict[str, Any]], content: st
     return ModelRequest(model, route, fill_input(model.input, values), estimate_tokens(prompt), len(kept), knowledge)
 
 
+MARKERS = (FOLLOW_UPS_MARKER, ACTION_MARKER)
+
+
+def visible_text(text: str) -> str:
+    """What a user may see of a reply still being written: everything before the follow-up and
+    action blocks, holding back a tail that may be the start of a marker."""
+    cut = min((i for i in (text.find(m) for m in MARKERS) if i >= 0), default=len(text))
+    visible = text[:cut]
+    longest = max(len(m) for m in MARKERS)
+    for size in range(min(len(visible), longest - 1), 0, -1):
+        if any(m.startswith(visible[-size:]) for m in MARKERS):
+            return visible[:-size]
+    return visible
+
+
 @dataclass(frozen=True)
 class ParsedReply:
     content: str

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import httpx
 from aiolimiter import AsyncLimiter
+from httpx_sse import SSEError, aconnect_sse
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from worker.config import ModelProfile, Settings
+
+log = logging.getLogger("worker.provider")
 
 TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
 PREDICTION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # it goes into URLs: nothing else is accepted
@@ -48,6 +53,7 @@ class Prediction:
     text: str
     metrics: dict[str, Any] = field(default_factory=dict)
     latency_ms: int = 0
+    time_to_first_token_ms: int | None = None
 
     @property
     def input_tokens(self) -> int | None:
@@ -63,6 +69,19 @@ class Prediction:
     def predict_time(self) -> float | None:
         value = self.metrics.get("predict_time")
         return float(value) if isinstance(value, (int, float)) else None
+
+
+@dataclass
+class PredictionHandle:
+    """What the caller can know about a prediction in flight: its id and the last state seen
+    (after a cancellation: the canceled prediction, with what it consumed)."""
+
+    prediction_id: str | None = None
+    last: dict[str, Any] = field(default_factory=dict)
+    time_to_first_token_ms: int | None = None
+
+
+OnText = Callable[[str], Awaitable[None]]
 
 
 def estimate_cost(model: ModelProfile, input_tokens: int | None, output_tokens: int | None,
@@ -167,9 +186,13 @@ class ReplicateClient:
                                 retryable=True)
         return body
 
-    async def create(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None) -> dict[str, Any]:
-        """POST the prediction, waiting up to `replicate_prefer_wait_seconds` for it to finish."""
-        headers = {**self._headers(token), "Prefer": f"wait={self.settings.replicate_prefer_wait_seconds}"}
+    async def create(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None,
+                     wait: bool = True) -> dict[str, Any]:
+        """POST the prediction; with `wait`, wait up to `replicate_prefer_wait_seconds` for it to
+        finish (Prefer: wait), else return at once (to stream it)."""
+        headers = self._headers(token)
+        if wait:
+            headers["Prefer"] = f"wait={self.settings.replicate_prefer_wait_seconds}"
         if model.version:
             url, body = f"{self.base_url}/v1/predictions", {"version": model.version, "input": model_input}
         else:
@@ -208,23 +231,61 @@ class ReplicateClient:
                                            self._headers(token), timeout=self.settings.replicate_timeout_seconds)
         raise AssertionError("unreachable")
 
-    async def cancel(self, prediction_id: str, token: str | None = None) -> None:
+    async def cancel(self, prediction_id: str, token: str | None = None) -> dict[str, Any]:
+        """Cancels at Replicate; returns the prediction as it ended ({} if that failed)."""
         try:
-            await self._request("POST", f"{self.base_url}/v1/predictions/{prediction_id}/cancel",
-                                self._headers(token), timeout=self.settings.replicate_timeout_seconds)
+            return await self._request("POST", f"{self.base_url}/v1/predictions/{prediction_id}/cancel",
+                                       self._headers(token), timeout=self.settings.replicate_timeout_seconds)
         except ProviderError:
-            pass  # best effort: the prediction may have ended meanwhile
+            return {}  # best effort: the prediction may have ended meanwhile
 
-    async def run(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None
-                  ) -> tuple[dict[str, Any], int]:
+    async def _stream(self, url: str, token: str | None, on_text: OnText, handle: PredictionHandle,
+                      started: float) -> bool:
+        """Reads the prediction's server-sent events (`output`, `error`, `done`), calling
+        `on_text` with the text so far. True when the stream ended with `done`; False when it
+        broke or reported an error (the caller then polls: the prediction decides)."""
+        text = ""
+        try:
+            async with aconnect_sse(self.http, "GET", url, headers={**self._headers(token), "Cache-Control": "no-store"},
+                                    timeout=httpx.Timeout(self.settings.replicate_timeout_seconds,
+                                                          read=self.settings.prediction_timeout_seconds)) as source:
+                async for event in source.aiter_sse():
+                    if event.event == "output":
+                        if handle.time_to_first_token_ms is None:
+                            handle.time_to_first_token_ms = int((time.monotonic() - started) * 1000)
+                        text += event.data
+                        await on_text(text)
+                    elif event.event == "error":
+                        log.warning("prediction stream reported an error",
+                                    extra={"event": "stream.error", "prediction_id": handle.prediction_id})
+                        return False
+                    elif event.event == "done":
+                        return True
+        except (httpx.HTTPError, SSEError) as exc:
+            log.warning("prediction stream broke; polling instead",
+                        extra={"event": "stream.broken", "prediction_id": handle.prediction_id,
+                               "error": type(exc).__name__})
+        return False
+
+    async def run(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None, *,
+                  on_text: OnText | None = None, handle: PredictionHandle | None = None) -> tuple[dict[str, Any], int]:
         """Run one prediction until it succeeds: the final prediction object and the latency in
-        ms. Raises ProviderError with a normalised code (a failed or canceled prediction too)."""
+        ms. Raises ProviderError with a normalised code (a failed or canceled prediction too).
+        With `on_text`, the prediction is streamed (SSE from `urls.stream`) and `on_text` gets the
+        text so far; the final output is still the prediction's own, read once it has ended."""
+        handle = handle or PredictionHandle()
         started = time.monotonic()
-        prediction = await self.create(model, model_input, token)
-        prediction_id = prediction["id"]
+        prediction = await self.create(model, model_input, token, wait=on_text is None)
+        prediction_id = handle.prediction_id = prediction["id"]
+        handle.last = prediction
         deadline = started + self.settings.prediction_timeout_seconds
         delay = 0.1
         try:
+            stream_url = (prediction.get("urls") or {}).get("stream") if on_text else None
+            if isinstance(stream_url, str) and stream_url.startswith(("https://", "http://")) \
+                    and prediction["status"] not in TERMINAL:
+                if await self._stream(stream_url, token, on_text, handle, started):  # type: ignore[arg-type]
+                    prediction = handle.last = await self.get(prediction_id, token)
             while prediction["status"] not in TERMINAL:
                 if time.monotonic() >= deadline:
                     await self.cancel(prediction_id, token)
@@ -232,9 +293,9 @@ class ReplicateClient:
                                         retryable=True)
                 await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 1.5, 2.0)
-                prediction = await self.get(prediction_id, token)
+                prediction = handle.last = await self.get(prediction_id, token)
         except asyncio.CancelledError:
-            await asyncio.shield(self.cancel(prediction_id, token))
+            handle.last = await asyncio.shield(self.cancel(prediction_id, token)) or handle.last
             raise
         except ProviderError as exc:
             exc.prediction_id = exc.prediction_id or prediction_id
@@ -246,9 +307,11 @@ class ReplicateClient:
                                 prediction_id=prediction_id)
         return prediction, int((time.monotonic() - started) * 1000)
 
-    async def predict(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None) -> Prediction:
+    async def predict(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None, *,
+                      on_text: OnText | None = None, handle: PredictionHandle | None = None) -> Prediction:
         """Run a language model's prediction to its end: its text, metrics and latency."""
-        prediction, latency_ms = await self.run(model, model_input, token)
+        handle = handle or PredictionHandle()
+        prediction, latency_ms = await self.run(model, model_input, token, on_text=on_text, handle=handle)
         prediction_id = prediction["id"]
         try:
             text = output_text(prediction.get("output"))
@@ -259,4 +322,7 @@ class ReplicateClient:
             raise ProviderError("invalid_output", "the model returned an empty reply", retryable=True,
                                 prediction_id=prediction_id)
         metrics = prediction.get("metrics") if isinstance(prediction.get("metrics"), dict) else {}
-        return Prediction(prediction_id, text, metrics, latency_ms)
+        first_token = handle.time_to_first_token_ms
+        if first_token is None and isinstance(metrics.get("time_to_first_token"), (int, float)):
+            first_token = int(metrics["time_to_first_token"] * 1000)
+        return Prediction(prediction_id, text, metrics, latency_ms, first_token)

@@ -33,7 +33,9 @@ class Fault:
     kind: `http` (answer `status` with a problem+json body, `retry_after` as header if set,
     `detail` as message), `failed` / `canceled` (the prediction ends so), `malformed` (the
     prediction succeeds with an output that is not text), `garbage` (a 200 that is not JSON),
-    `hang` (the create request never answers)."""
+    `hang` (the create request never answers), `stream_error` (the stream sends an `error`
+    event halfway and the prediction fails), `stream_break` (the stream is cut halfway, the
+    prediction itself succeeds)."""
 
     kind: str
     status: int = 500
@@ -63,6 +65,7 @@ class SimPrediction:
     error: str | None = None
     canceled_at: float | None = None
     output_override: Any = None
+    stream_fault: str | None = None
 
     def status(self, now: float) -> str:
         if self.canceled_at is not None:
@@ -176,6 +179,8 @@ class ReplicateSimulator:
         app.router.add_post("/v1/predictions", self._create_version)
         app.router.add_get("/v1/predictions/{id}", self._get)
         app.router.add_post("/v1/predictions/{id}/cancel", self._cancel)
+        app.router.add_get("/v1/streams/{id}", self._stream)
+        app.router.add_get("/v1/account", self._account)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -258,6 +263,10 @@ class ReplicateSimulator:
             prediction.error = fault.detail or ("CUDA out of memory" if fault.kind == "failed" else None)
         if fault and fault.kind == "malformed":
             prediction.output_override = {"unexpected": True}
+        if fault and fault.kind in ("stream_error", "stream_break"):
+            prediction.stream_fault = fault.kind
+            if fault.kind == "stream_error":
+                prediction.end_as, prediction.error = "failed", "the model crashed while streaming"
         self.predictions[prediction.id] = prediction
         if prefer:
             wait = min(float(prefer.group(1) or 60), prediction.latency)
@@ -280,6 +289,45 @@ class ReplicateSimulator:
         if isinstance(prediction, web.Response):
             return prediction
         return web.json_response(prediction.to_json(time.time()))
+
+    async def _account(self, request: web.Request) -> web.StreamResponse:
+        _, refusal = await self._record(request)
+        if refusal:
+            return refusal
+        return web.json_response({"type": "organization", "username": "simulator", "name": "Local simulator",
+                                  "github_url": None})
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events as Replicate streams them: `output` per token, then `done` (or
+        `error`), each with an `id:` line; tokens spread over the prediction's latency."""
+        prediction = await self._prediction(request)
+        if isinstance(prediction, web.Response):
+            return prediction
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+        await response.prepare(request)
+        base = int(prediction.created)
+        tokens = prediction.tokens if prediction.output_override is None else []
+        count = len(tokens)
+        for index, token in enumerate(tokens):
+            if prediction.stream_fault and index == count // 2:
+                if prediction.stream_fault == "stream_error":
+                    await response.write(f"event: error\nid: {base}:{index}\ndata: "
+                                         f"{json.dumps({'detail': prediction.error})}\n\n".encode())
+                    await response.write_eof()
+                    return response
+                request.transport.close()  # type: ignore[union-attr]  # cut mid-stream, no `done`
+                return response
+            due = prediction.created + prediction.latency * (index + 1) / (count + 1)
+            await asyncio.sleep(max(0.0, due - time.time()))
+            if prediction.canceled_at is not None:
+                break
+            data = "\n".join(f"data: {line}" for line in token.split("\n"))
+            await response.write(f"event: output\nid: {base}:{index}\n{data}\n\n".encode())
+        await asyncio.sleep(max(0.0, prediction.created + prediction.latency - time.time()))
+        reason = "{}" if prediction.canceled_at is None else '{"reason": "canceled"}'
+        await response.write(f"event: done\nid: {base}:{count}\ndata: {reason}\n\n".encode())
+        await response.write_eof()
+        return response
 
     async def _cancel(self, request: web.Request) -> web.StreamResponse:
         prediction = await self._prediction(request)

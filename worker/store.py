@@ -82,12 +82,15 @@ class RunStore(ABC):
     async def complete(self, run: ClaimedRun, *, content: str, model: str, prediction_id: str | None,
                        input_tokens: int | None, output_tokens: int | None, cost_usd: Decimal | None,
                        latency_ms: int | None, metadata: dict[str, Any], follow_ups: list[str] | None = None,
-                       actions: list[dict[str, Any]] | None = None) -> uuid.UUID | None:
+                       actions: list[dict[str, Any]] | None = None,
+                       time_to_first_token_ms: int | None = None) -> uuid.UUID | None:
+        """The reply id; None when the run was cancelled meanwhile (no reply is written then)."""
         reply = await self.call("complete_run", {
             "p_run_id": run.run_id, "p_attempt": run.attempt, "p_content": content, "p_model": model,
             "p_provider": "replicate", "p_prediction_id": prediction_id, "p_input_tokens": input_tokens,
             "p_output_tokens": output_tokens, "p_cost_usd": cost_usd, "p_latency_ms": latency_ms,
             "p_metadata": metadata, "p_follow_ups": follow_ups or [], "p_actions": actions or [],
+            "p_time_to_first_token_ms": time_to_first_token_ms,
         })
         return uuid.UUID(str(reply)) if reply else None
 
@@ -98,6 +101,13 @@ class RunStore(ABC):
             "p_retryable": retryable, "p_retry_in_seconds": retry_in, "p_model": model, "p_provider": "replicate",
             "p_prediction_id": prediction_id, "p_latency_ms": latency_ms,
         }))
+
+    async def finish_cancelled(self, run: ClaimedRun, consumed: dict[str, Any] | None) -> None:
+        await self.call("finish_cancelled", {"p_run_id": run.run_id, "p_consumed": consumed})
+
+    async def cancelled_runs(self, run_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        rows = await self.call("cancelled_runs", {"p_run_ids": [str(r) for r in run_ids]}, rows=True)
+        return {uuid.UUID(str(row["run_id"])) for row in rows}
 
     async def release(self, run: ClaimedRun, worker: str) -> bool:
         return bool(await self.call("release_run", {"p_run_id": run.run_id, "p_worker": worker, "p_attempt": run.attempt}))

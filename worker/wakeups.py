@@ -37,12 +37,13 @@ class ListenWakeups:
                 async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
                     await conn.execute("listen assistant_runs")
                     await conn.execute("listen assistant_actions")
+                    await conn.execute("listen assistant_cancel")
                     self.live, backoff = True, 0.2
                     log.info("listening", extra={"event": "wakeups.live", "transport": "postgres"})
                     wake("actions")  # sweep: whatever arrived while we were not listening
                     while True:
                         async for notify in conn.notifies(timeout=self.health_check_seconds):
-                            wake("actions" if notify.channel == "assistant_actions" else "runs")
+                            wake({"assistant_actions": "actions", "assistant_cancel": "cancel"}.get(notify.channel, "runs"))
                         await conn.execute("select 1")  # a silent dead connection shows up here
             except (psycopg.OperationalError, OSError) as exc:
                 if self.live:

@@ -146,12 +146,13 @@ end
 $$;
 
 -- For the worker: which of these runs (its runs in flight) their users asked to cancel.
-create function public.cancelled_runs(p_run_ids uuid[]) returns setof uuid
+create function public.cancelled_runs(p_run_ids jsonb) returns table (run_id uuid)
 language sql stable
 set search_path = ''
 as $$
   select r.id from public.assistant_runs r
-   where r.id = any(p_run_ids) and r.cancel_requested_at is not null and r.status = 'in_progress'
+   where r.id in (select value::uuid from jsonb_array_elements_text(p_run_ids))
+     and r.cancel_requested_at is not null and r.status = 'in_progress'
 $$;
 
 -------------------------------------------------------------------------------------------------
@@ -519,7 +520,7 @@ $$;
 -- Only the worker (service role) calls these; PostgREST exposes nothing else of them.
 revoke execute on function
   public.finish_cancelled(uuid, jsonb),
-  public.cancelled_runs(uuid[]),
+  public.cancelled_runs(jsonb),
   public.assistant_finish_failed(uuid, text, text),
   public.assistant_finish_blocked(uuid, jsonb, text),
   public.claim_runs(text, integer, integer, text, text),
@@ -534,7 +535,7 @@ revoke execute on function public.cancel_run(uuid) from public, anon;
 grant execute on function public.cancel_run(uuid) to authenticated, service_role;
 grant execute on function
   public.finish_cancelled(uuid, jsonb),
-  public.cancelled_runs(uuid[]),
+  public.cancelled_runs(jsonb),
   public.assistant_finish_failed(uuid, text, text),
   public.assistant_finish_blocked(uuid, jsonb, text),
   public.claim_runs(text, integer, integer, text, text),

@@ -8,7 +8,7 @@ drop function if exists public.release_run(uuid, text, integer);
 drop function if exists public.fail_attempt(uuid, integer, text, text, boolean, double precision, text, text, text, integer);
 drop function if exists public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer,
                                             jsonb, jsonb, jsonb, integer);
-drop function if exists public.cancelled_runs(uuid[]);
+drop function if exists public.cancelled_runs(jsonb);
 drop function if exists public.cancel_run(uuid);
 drop function if exists public.claim_runs(text, integer, integer, text, text);
 drop function if exists public.assistant_finish_blocked(uuid, jsonb, text);

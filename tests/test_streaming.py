@@ -1,0 +1,173 @@
+"""Streaming replies end to end with the simulator's server-sent events: NOTIFY on the postgres
+transport, Realtime Broadcast on the supabase transport, an `error` event, a broken stream; and
+who may join a thread's private broadcast topic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from tests import postgrest
+from tests.pipeline_helpers import finished_runs, new_user_thread, query, say, wait_until, worker_settings
+from tests.postgrest import create_user, request
+from tests.supabase_emulator import SupabaseEmulator
+from tests.test_supabase_transport import start_worker, stop_worker, supabase_settings
+from worker.pipeline import Worker
+from worker.prompts import visible_text
+from worker.provider import ReplicateClient
+from worker.simulator import Fault, ReplicateSimulator
+from worker.store import PostgresStore
+from worker.streaming import NOTIFY_CHANNEL, NotifyPublisher
+from worker.wakeups import ListenWakeups
+
+
+@contextlib.asynccontextmanager
+async def streaming_worker(simulator: ReplicateSimulator, db_url: str, **overrides: Any) -> AsyncIterator[Worker]:
+    settings = worker_settings(simulator.base_url, stream_publish_interval_ms=0, **overrides)
+    store = await PostgresStore.connect(db_url)
+    async with httpx.AsyncClient() as http:
+        worker = Worker(settings, store, ReplicateClient(http, settings), ListenWakeups(db_url),
+                        publisher=NotifyPublisher(store.pool))
+        task = asyncio.create_task(worker.run())
+        try:
+            yield worker
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, timeout=30)
+            await store.close()
+
+
+@contextlib.asynccontextmanager
+async def listening(db_url: str) -> AsyncIterator[list[dict]]:
+    """Collects the stream NOTIFY messages while the block runs."""
+    received: list[dict] = []
+    conn = await psycopg.AsyncConnection.connect(db_url, autocommit=True)
+    await conn.execute(f"listen {NOTIFY_CHANNEL}")
+
+    async def collect() -> None:
+        async for notify in conn.notifies():
+            received.append(json.loads(notify.payload))
+
+    task = asyncio.create_task(collect())
+    try:
+        yield received
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await conn.close()
+
+
+def joined(deltas: list[dict]) -> str:
+    return "".join(d["delta"] for d in sorted(deltas, key=lambda d: d["seq"]))
+
+
+async def test_a_reply_streams_to_the_thread_and_is_written_once(db_url, simulator) -> None:
+    simulator.latency = 0.6
+    user, thread = await new_user_thread(db_url)
+    async with listening(db_url) as received, streaming_worker(simulator, db_url):
+        message = await say(db_url, user, thread, "Tell me about wool coats in winter")
+        [run] = await finished_runs(db_url, 1)
+        await wait_until(lambda: asyncio.sleep(0, any(d["done"] for d in received)), what="the final delta")
+    [create] = simulator.creates
+    assert "Prefer" not in create.headers  # streamed: no waiting on create
+    assert [r.path for r in simulator.requests if r.path.startswith("/v1/streams/")]
+    [reply] = await query(db_url, "select id, content from assistant_messages where reply_to = %s", (message,))
+    assert reply["content"] == "You said: Tell me about wool coats in winter"
+    deltas = [d for d in received if d["message_id"] == str(message)]
+    assert len(deltas) > 3 and all(d["thread_id"] == str(thread) and d["run_id"] == str(run["id"]) for d in deltas)
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+    assert joined(deltas).strip() == reply["content"]  # the follow-up block is never shown while streaming
+    assert "<<" not in joined(deltas)
+    assert deltas[-1]["done"] and sum(d["done"] for d in deltas) == 1
+    [event] = await query(db_url, "select time_to_first_token_ms, latency_ms from assistant_inference_events")
+    assert 0 < event["time_to_first_token_ms"] < event["latency_ms"]
+    assert await query(db_url, "select count(*) as n from assistant_messages where role = 'assistant'") == [{"n": 1}]
+
+
+async def test_an_error_event_fails_the_attempt_and_the_retry_answers(db_url, simulator) -> None:
+    simulator.latency = 0.3
+    simulator.inject(Fault("stream_error"))
+    user, thread = await new_user_thread(db_url)
+    async with listening(db_url) as received, streaming_worker(simulator, db_url):
+        message = await say(db_url, user, thread, "one two three four five six")
+        [run] = await finished_runs(db_url, 1)
+    assert (run["status"], run["attempts"]) == ("completed", 2)
+    events = await query(db_url, "select attempt, status, error_code from assistant_inference_events order by attempt")
+    assert [(e["status"], e["error_code"]) for e in events] == [("failed", "model_failed"), ("succeeded", None)]
+    [reply] = await query(db_url, "select content from assistant_messages where reply_to = %s", (message,))
+    assert reply["content"] == "You said: one two three four five six"
+    second = [d for d in received if d["run_id"] == str(run["id"])]
+    assert sum(d["done"] for d in second) == 2  # each attempt closes its stream
+
+
+async def test_a_broken_stream_falls_back_to_polling_without_loss(db_url, simulator) -> None:
+    simulator.latency = 0.4
+    simulator.inject(Fault("stream_break"))
+    user, thread = await new_user_thread(db_url)
+    async with listening(db_url) as received, streaming_worker(simulator, db_url):
+        message = await say(db_url, user, thread, " ".join(f"word{i}" for i in range(30)))
+        [run] = await finished_runs(db_url, 1)
+    assert (run["status"], run["attempts"]) == ("completed", 1)
+    [reply] = await query(db_url, "select content from assistant_messages where reply_to = %s", (message,))
+    assert reply["content"] == "You said: " + " ".join(f"word{i}" for i in range(30))
+    partial = joined([d for d in received if d["message_id"] == str(message)]).strip()
+    assert reply["content"].startswith(partial) and len(partial) < len(reply["content"])  # cut, then completed
+    polls = [r for r in simulator.requests if r.method == "GET" and r.path.startswith("/v1/predictions/")]
+    assert polls  # the prediction was polled once the stream broke
+
+
+async def test_on_supabase_the_reply_streams_over_private_broadcast(db_url, simulator) -> None:
+    simulator.latency = 0.5
+    emulator = SupabaseEmulator(db_url)
+    await emulator.start()
+    user, thread = await new_user_thread(db_url)
+    worker, task, http = await start_worker(supabase_settings(simulator, emulator, stream_publish_interval_ms=0))
+    try:
+        await wait_until(lambda: asyncio.sleep(0, worker.wakeups.live), what="the subscription")
+        message = await say(db_url, user, thread, "stream this over broadcast")
+        await finished_runs(db_url, 1)
+    finally:
+        await stop_worker(worker, task, http)
+        await emulator.stop()
+    messages = [b for b in emulator.broadcasts if b["payload"]["message_id"] == str(message)]
+    assert messages and {(b["topic"], b["event"], b["private"], b["role"]) for b in messages} == \
+        {(f"thread:{thread}", "reply_delta", True, "service_role")}
+    [reply] = await query(db_url, "select content from assistant_messages where reply_to = %s", (message,))
+    assert joined([b["payload"] for b in messages]).strip() == reply["content"]
+
+
+def test_only_the_threads_owner_may_join_its_broadcast_topic(conn) -> None:
+    owner, other = create_user(conn), create_user(conn)
+    thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (owner,)).fetchone()[0]
+    conn.execute("insert into realtime.messages (topic, extension, event, private) values (%s, 'broadcast', 'probe', true)",
+                 (f"thread:{thread}",))
+
+    def can_read(actor: postgrest.Actor, topic: str) -> bool:
+        # How Realtime authorizes a private channel: the topic in realtime.topic(), then a read
+        # of realtime.messages under the user's role and claims.
+        with request(conn, actor) as cur:
+            cur.execute("select set_config('realtime.topic', %s, true)", (topic,))
+            return cur.execute("select count(*) from realtime.messages where topic = %s", (topic,)).fetchone()[0] > 0
+
+    assert can_read(postgrest.user("o", owner), f"thread:{thread}")
+    assert not can_read(postgrest.user("x", other), f"thread:{thread}")
+    assert not can_read(postgrest.user("o", owner), "thread:not-a-thread")
+    with request(conn, postgrest.anon()) as cur:
+        cur.execute("select set_config('realtime.topic', %s, true)", (f"thread:{thread}",))
+        assert cur.execute("select count(*) from realtime.messages").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(("text", "visible"), [
+    ("Hello", "Hello"), ("Hello <", "Hello "), ("Hello <<fol", "Hello "), ("Hi\n<<follow-ups>>\n1. More?", "Hi\n"),
+    ('Sure <<action>> {"type": "x"}', "Sure "), ("a << b", "a << b"),
+])
+def test_markers_are_never_shown_while_streaming(text: str, visible: str) -> None:
+    assert visible_text(text) == visible

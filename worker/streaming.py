@@ -1,0 +1,98 @@
+"""Live reply text for the thread's clients while the model writes, without a database row per
+token. The final reply is still written once, by complete_run.
+
+- supabase transport: Realtime Broadcast through its REST API (`POST /realtime/v1/api/broadcast`)
+  to the private topic `thread:<thread id>`; clients join it with `private: true`, and RLS on
+  realtime.messages (migration 20261122000500) lets only the thread's owner in.
+- postgres transport: `NOTIFY assistant_stream` (for the `chat` client and trusted local
+  listeners: LISTEN is not access-controlled in PostgreSQL).
+
+Each message is a delta: {"run_id", "message_id" (the user message), "seq", "delta", "done"};
+publishing is throttled to one message per STREAM_PUBLISH_INTERVAL_MS. A failure to publish never
+fails the reply."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any, Protocol
+
+import httpx
+
+from worker.prompts import visible_text
+
+log = logging.getLogger("worker.streaming")
+
+NOTIFY_CHANNEL = "assistant_stream"
+BROADCAST_EVENT = "reply_delta"
+MAX_DELTA_CHARS = 2000  # NOTIFY payloads stay far below PostgreSQL's 8000 bytes
+
+
+class Publisher(Protocol):
+    async def publish(self, thread_id: uuid.UUID, payload: dict[str, Any]) -> None: ...
+
+
+class NotifyPublisher:
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool  # psycopg_pool.AsyncConnectionPool
+
+    async def publish(self, thread_id: uuid.UUID, payload: dict[str, Any]) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute("select pg_notify(%s, %s)", (NOTIFY_CHANNEL, json.dumps({"thread_id": str(thread_id),
+                                                                                      **payload})))
+
+
+class BroadcastPublisher:
+    def __init__(self, http: httpx.AsyncClient, supabase_url: str, service_role_key: str) -> None:
+        self.http = http
+        self.url = f"{supabase_url.rstrip('/')}/realtime/v1/api/broadcast"
+        self.headers = {"apikey": service_role_key, "Authorization": f"Bearer {service_role_key}"}
+
+    async def publish(self, thread_id: uuid.UUID, payload: dict[str, Any]) -> None:
+        body = {"messages": [{"topic": f"thread:{thread_id}", "event": BROADCAST_EVENT, "payload": payload,
+                              "private": True}]}
+        response = await self.http.post(self.url, json=body, headers=self.headers, timeout=5.0)
+        if response.status_code >= 300:
+            raise RuntimeError(f"broadcast refused: HTTP {response.status_code}")
+
+
+class ReplyRelay:
+    """Turns the growing text of one reply into throttled deltas."""
+
+    def __init__(self, publisher: Publisher, thread_id: uuid.UUID, run_id: uuid.UUID, message_id: uuid.UUID,
+                 interval_seconds: float) -> None:
+        self.publisher = publisher
+        self.thread_id = thread_id
+        self.base = {"run_id": str(run_id), "message_id": str(message_id)}
+        self.interval = interval_seconds
+        self.text = ""
+        self.sent = 0
+        self.seq = 0
+        self.last_publish = 0.0
+        self.failed = False
+
+    async def update(self, text: str) -> None:
+        self.text = visible_text(text)
+        if time.monotonic() - self.last_publish >= self.interval:
+            await self.flush()
+
+    async def flush(self, done: bool = False) -> None:
+        if self.failed:
+            return
+        delta = self.text[self.sent:]
+        if not delta and not done:
+            return
+        try:
+            chunks = [delta[i:i + MAX_DELTA_CHARS] for i in range(0, len(delta), MAX_DELTA_CHARS)] or [""]
+            for index, chunk in enumerate(chunks):
+                self.seq += 1
+                await self.publisher.publish(self.thread_id, {**self.base, "seq": self.seq, "delta": chunk,
+                                                              "done": done and index == len(chunks) - 1})
+            self.sent = len(self.text)
+            self.last_publish = time.monotonic()
+        except Exception as exc:  # the live view is a nicety: the reply itself is not at stake
+            self.failed = True
+            log.warning("streaming to clients failed", extra={"event": "stream.publish_failed", "error": str(exc)[:200],
+                                                              **self.base})
