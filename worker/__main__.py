@@ -2,6 +2,7 @@
 
   python -m worker run              the worker daemon (transport from the settings)
   python -m worker chat             a terminal chat as a local user, through RLS (postgres transport)
+  python -m worker doctor           check a deployment: database, migrations, Realtime, Replicate token
   python -m worker kb ingest PATH…  chunk, embed and store text/Markdown files in the knowledge base
   python -m worker simulator        the local Replicate simulator on its own
   python -m worker db up|down|reset the embedded local database
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from pydantic import SecretStr, ValidationError
@@ -133,6 +135,18 @@ async def _kb_ingest_async(settings: Settings, paths: list, assistant: str | Non
         await transport.store.close()
 
 
+def _doctor() -> int:
+    from worker import logs
+    from worker.doctor import passed, render, run_checks
+
+    settings = _settings()
+    logs.configure("ERROR")
+    timeout = float(os.environ.get("DOCTOR_TIMEOUT_SECONDS", "10"))
+    checks = asyncio.run(run_checks(settings, _database_url(settings), timeout=timeout))
+    print(render(checks))
+    return 0 if passed(checks) else 1
+
+
 def _simulator(port: int, latency: float) -> int:
     from worker.simulator import ReplicateSimulator
 
@@ -154,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("run", help="run the worker daemon")
     chat = commands.add_parser("chat", help="chat in the terminal as a local user")
     chat.add_argument("--email", default="demo@example.com")
+    commands.add_parser("doctor", help="check the deployment and print what passes and what does not")
     kb = commands.add_parser("kb", help="the knowledge base")
     kb_commands = kb.add_subparsers(dest="kb_command", required=True)
     kb_ingest = kb_commands.add_parser("ingest", help="chunk, embed and store files (unchanged ones are skipped)")
@@ -167,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         return _db(args.action)
     if args.command == "chat":
         return _chat(args.email)
+    if args.command == "doctor":
+        return _doctor()
     if args.command == "kb":
         return _kb_ingest(args.paths, args.assistant)
     if args.command == "simulator":

@@ -39,7 +39,7 @@ async def supabase_client(settings: Settings) -> Any:
                                 options=AsyncClientOptions(auto_refresh_token=False, persist_session=False))
 
 
-async def open_transport(settings: Settings, database_url: str | None = None) -> Transport:
+async def open_transport(settings: Settings, database_url: str | None = None, open_timeout: float = 30.0) -> Transport:
     client = await supabase_client(settings) if settings.supabase_url and settings.supabase_service_role_key else None
     signer = supabase_signer(client) if client is not None else None
     if settings.transport == "supabase":
@@ -49,7 +49,7 @@ async def open_transport(settings: Settings, database_url: str | None = None) ->
     url = database_url or (settings.database_url.get_secret_value() if settings.database_url else None)
     if url is None:
         raise ValueError("the postgres transport needs DATABASE_URL (or the embedded local database)")
-    store = await PostgresStore.connect(url, max_size=min(20, settings.worker_concurrency + 2))
+    store = await PostgresStore.connect(url, max_size=min(20, settings.worker_concurrency + 2), open_timeout=open_timeout)
     return Transport(store, ListenWakeups(url), signer)
 
 

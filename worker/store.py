@@ -145,12 +145,16 @@ class PostgresStore(RunStore):
         self.pool = pool
 
     @classmethod
-    async def connect(cls, url: str, max_size: int = 10) -> PostgresStore:
+    async def connect(cls, url: str, max_size: int = 10, open_timeout: float = 30.0) -> PostgresStore:
         # A short checkout timeout: while the database is away, calls fail fast (StoreUnavailable)
         # and the worker's own backoff takes over, instead of each call hanging for 30 s.
         pool = AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False, timeout=5,
                                    kwargs={"autocommit": True, "row_factory": dict_row})
-        await pool.open(wait=True, timeout=30)
+        try:
+            await pool.open(wait=True, timeout=open_timeout)
+        except BaseException:
+            await pool.close()
+            raise
         return cls(pool)
 
     async def close(self) -> None:
