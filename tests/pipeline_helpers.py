@@ -18,6 +18,7 @@ from worker.config import Settings
 from worker.pipeline import Worker
 from worker.provider import ReplicateClient
 from worker.store import PostgresStore, RunStore
+from worker.streaming import NotifyPublisher
 from worker.wakeups import ListenWakeups
 
 
@@ -96,11 +97,14 @@ class NoWakeups:
 
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings, db_url: str, *, wakeups: Any = None,
-                         store: RunStore | None = None) -> AsyncIterator[Worker]:
+                         store: RunStore | None = None, stream: bool = False) -> AsyncIterator[Worker]:
+    """A worker on the postgres transport; with `stream`, it streams replies over NOTIFY."""
     own_store = store is None
     store = store or await PostgresStore.connect(db_url)
     async with httpx.AsyncClient() as http:
-        worker = Worker(settings, store, ReplicateClient(http, settings), wakeups or ListenWakeups(db_url))
+        publisher = NotifyPublisher(store.pool) if stream and isinstance(store, PostgresStore) else None
+        worker = Worker(settings, store, ReplicateClient(http, settings), wakeups or ListenWakeups(db_url),
+                        publisher=publisher)
         task = asyncio.create_task(worker.run())
         try:
             yield worker

@@ -10,38 +10,22 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 
 from tests import postgrest
-from tests.pipeline_helpers import finished_runs, new_user_thread, query, say, wait_until, worker_settings
+from tests.pipeline_helpers import finished_runs, new_user_thread, query, running_worker, say, wait_until, worker_settings
 from tests.postgrest import create_user, request
 from tests.supabase_emulator import SupabaseEmulator
 from tests.test_supabase_transport import start_worker, stop_worker, supabase_settings
-from worker.pipeline import Worker
 from worker.prompts import visible_text
-from worker.provider import ReplicateClient
 from worker.simulator import Fault, ReplicateSimulator
-from worker.store import PostgresStore
-from worker.streaming import NOTIFY_CHANNEL, NotifyPublisher
-from worker.wakeups import ListenWakeups
+from worker.streaming import NOTIFY_CHANNEL
 
 
-@contextlib.asynccontextmanager
-async def streaming_worker(simulator: ReplicateSimulator, db_url: str, **overrides: Any) -> AsyncIterator[Worker]:
-    settings = worker_settings(simulator.base_url, stream_publish_interval_ms=0, **overrides)
-    store = await PostgresStore.connect(db_url)
-    async with httpx.AsyncClient() as http:
-        worker = Worker(settings, store, ReplicateClient(http, settings), ListenWakeups(db_url),
-                        publisher=NotifyPublisher(store.pool))
-        task = asyncio.create_task(worker.run())
-        try:
-            yield worker
-        finally:
-            worker.stop()
-            await asyncio.wait_for(task, timeout=30)
-            await store.close()
+def streaming_worker(simulator: ReplicateSimulator, db_url: str, **overrides: Any):
+    return running_worker(worker_settings(simulator.base_url, stream_publish_interval_ms=0, **overrides), db_url,
+                          stream=True)
 
 
 @contextlib.asynccontextmanager
