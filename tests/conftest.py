@@ -4,10 +4,12 @@ and fresh copies of it for the tests that write."""
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import hypothesis
 import psycopg
 import pytest
 import respx
@@ -19,6 +21,12 @@ from worker.localdb import LocalDatabase
 from worker.simulator import ReplicateSimulator
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+# CI runs the property tests on a fixed sequence of examples, so a run is reproducible; a
+# developer's run explores new ones each time.
+hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis.settings.load_profile("ci")
 TEMPLATE = "migrated_template"
 _names = itertools.count()
 

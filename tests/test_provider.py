@@ -245,3 +245,13 @@ async def test_creates_are_spread_under_replicates_rate_limit() -> None:
         await asyncio.gather(*(client.predict(DEFAULT_CHAT_MODEL, {"prompt": "hi"}) for _ in range(4)))
     # The bucket lets two through at once; the next two wait for it to drain (0.5 s each).
     assert sent_at[3] - sent_at[0] >= 0.9
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("2", 2.0), ("0.5", 0.5), ("-3", 0.0), (":", None), ("soon", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+    ("99999999", 3600.0),
+])
+def test_retry_after_is_read_defensively(header: str, expected: float | None) -> None:
+    from worker.provider import parse_retry_after
+
+    assert parse_retry_after(httpx.Response(429, headers={"Retry-After": header}), "") == expected

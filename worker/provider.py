@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timezone
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -100,16 +101,24 @@ def estimate_cost(model: ModelProfile, input_tokens: int | None, output_tokens: 
 
 
 def parse_retry_after(response: httpx.Response, detail: str) -> float | None:
-    header = response.headers.get("retry-after")
+    """Seconds to wait: the Retry-After header (seconds or an HTTP date), else the "resets in
+    ~Ns" of Replicate's throttle message. Anything unreadable counts as absent."""
+    header = response.headers.get("retry-after", "").strip()
     if header:
         try:
-            return max(0.0, float(header))
+            return min(max(0.0, float(header)), 3600.0)
         except ValueError:
-            when = email.utils.parsedate_to_datetime(header) if header else None
-            if when is not None:
-                return max(0.0, when.timestamp() - time.time())
+            pass
+        try:
+            when = email.utils.parsedate_to_datetime(header)
+        except (TypeError, ValueError, IndexError):
+            when = None
+        if when is not None:
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            return min(max(0.0, when.timestamp() - time.time()), 3600.0)
     match = THROTTLE_RESET.search(detail or "")
-    return float(match.group(1)) if match else None
+    return min(float(match.group(1)), 3600.0) if match else None
 
 
 def _detail(response: httpx.Response) -> str:
