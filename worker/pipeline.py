@@ -61,6 +61,10 @@ class Worker:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._actions_due = True
+        # Whether runs may be due that the last claim left behind (a full batch, or a hint that
+        # came while every slot was busy). Only then does a finished run trigger a claim: an
+        # empty claim after every reply would cost the database more than the replies.
+        self._backlog = True
         self.user_tokens = UserTokens(store, settings.byok_encryption_key)
         self.metrics = Metrics()
         self.publisher = publisher if settings.stream_replies else None
@@ -75,6 +79,8 @@ class Worker:
         if kind == "cancel":
             self._check_cancellations.set()
             return
+        if len(self.inflight) >= self.settings.worker_concurrency:
+            self._backlog = True  # work arrived while every slot is busy: claim when one frees up
         self._wake.set()
 
     def stop(self) -> None:
@@ -126,6 +132,7 @@ class Worker:
                     else:
                         self._start(run)
                 full_batch = len(runs) == batch
+                self._backlog = full_batch
             if self._actions_due:
                 await self._claim_actions()
             if full_batch:
@@ -222,7 +229,8 @@ class Worker:
         def done(_: asyncio.Task[None]) -> None:
             self.inflight.pop(run.run_id, None)
             self.metrics.in_flight.set(len(self.inflight))
-            self.wake()  # a slot is free
+            if self._backlog:
+                self._wake.set()  # a slot is free and runs may be waiting for one
 
         task.add_done_callback(done)
 

@@ -82,8 +82,8 @@ class ReplyRelay:
         if self.failed:
             return
         delta = self.text[self.sent:]
-        if not delta and not done:
-            return
+        if not delta and (not done or self.seq == 0):
+            return  # nothing new; and a reply that never streamed needs no closing message
         try:
             chunks = [delta[i:i + MAX_DELTA_CHARS] for i in range(0, len(delta), MAX_DELTA_CHARS)] or [""]
             for index, chunk in enumerate(chunks):
