@@ -978,6 +978,7 @@ export type Database = {
         Args: { p_user_id: string; p_vision?: boolean }
         Returns: Json
       }
+      ai_default_plan: { Args: { p_is_anonymous: boolean }; Returns: string }
       ai_plan_of: { Args: { p_user_id: string }; Returns: string }
       ai_refusal_text: { Args: { p_refusal: Json }; Returns: string }
       ai_usage_add: {

@@ -18,7 +18,7 @@ import sys
 
 from pydantic import SecretStr, ValidationError
 
-from worker.config import Settings, describe_error, load_settings
+from worker.config import Settings, describe_error
 from worker.localdb import LocalDatabase, default_data_dir
 
 log = logging.getLogger("worker")
@@ -41,7 +41,7 @@ def _db(action: str) -> int:
 
 def _settings() -> Settings:
     try:
-        return load_settings()
+        return Settings()
     except ValidationError as error:
         print(describe_error(error), file=sys.stderr)
         raise SystemExit(2) from None

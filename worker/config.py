@@ -170,10 +170,6 @@ class Settings(BaseSettings):
         return self.transport == "postgres" and self.database_url is None
 
 
-def load_settings(**overrides: Any) -> Settings:
-    return Settings(**overrides)
-
-
 def describe_error(error: ValidationError) -> str:
     """One line naming each bad setting by its environment variable."""
     parts = []

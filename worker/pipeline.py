@@ -57,7 +57,6 @@ class Worker:
         self.inflight: dict[uuid.UUID, asyncio.Task[None]] = {}
         self.action_tasks: set[asyncio.Task[str]] = set()
         self.counts: Counter[str] = Counter()
-        self.peak_inflight = 0
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._actions_due = True
@@ -223,7 +222,6 @@ class Worker:
                                        "message_id": str(run.message_id), "attempt": run.attempt})
         task = asyncio.create_task(self._process(run), name=f"run-{run.run_id}")
         self.inflight[run.run_id] = task
-        self.peak_inflight = max(self.peak_inflight, len(self.inflight))
         self.metrics.in_flight.set(len(self.inflight))
 
         def done(_: asyncio.Task[None]) -> None:
@@ -309,15 +307,11 @@ class Worker:
         """What a cancelled prediction used, from the state Replicate last reported."""
         if handle.prediction_id is None or request is None:
             return None
-        metrics = handle.last.get("metrics") if isinstance(handle.last.get("metrics"), dict) else {}
-        input_tokens, output_tokens = metrics.get("input_token_count"), metrics.get("output_token_count")
-        predict_time = metrics.get("predict_time")
-        cost = estimate_cost(request.model, input_tokens if isinstance(input_tokens, int) else None,
-                             output_tokens if isinstance(output_tokens, int) else None,
-                             float(predict_time) if isinstance(predict_time, (int, float)) else None)
+        metrics = handle.last.get("metrics")
+        used = Prediction(handle.prediction_id, "", metrics if isinstance(metrics, dict) else {})
+        cost = estimate_cost(request.model, used.input_tokens, used.output_tokens, used.predict_time)
         return {"attempt": run.attempt, "model": request.model.slug, "prediction_id": handle.prediction_id,
-                "input_tokens": input_tokens if isinstance(input_tokens, int) else None,
-                "output_tokens": output_tokens if isinstance(output_tokens, int) else None,
+                "input_tokens": used.input_tokens, "output_tokens": used.output_tokens,
                 "cost_usd": float(cost) if cost is not None else None}
 
     async def _knowledge(self, run: ClaimedRun, assistant: Assistant) -> tuple[list[KnowledgeChunk], str | None]:

@@ -73,8 +73,16 @@ create table public.user_ai_settings (
 
 create index idx_user_ai_settings_plan on public.user_ai_settings (plan_id);
 
--- Every user gets settings when Supabase Auth creates them: guests (anonymous sign-ins) on the
--- guest plan, everyone else on free. A guest who links an identity moves to free.
+-- The plan a user starts on: guests (anonymous sign-ins) on guest, everyone else on free.
+create function public.ai_default_plan(p_is_anonymous boolean) returns text
+language sql immutable
+set search_path = ''
+as $$
+  select case when coalesce(p_is_anonymous, false) then 'guest' else 'free' end
+$$;
+
+-- Every user gets settings when Supabase Auth creates them, on their default plan. A guest who
+-- links an identity moves to free.
 create function public.ai_settings_for_new_user() returns trigger
 language plpgsql
 security definer
@@ -82,7 +90,7 @@ set search_path = ''
 as $$
 begin
   insert into public.user_ai_settings (user_id, plan_id)
-  values (new.id, case when coalesce(new.is_anonymous, false) then 'guest' else 'free' end)
+  values (new.id, public.ai_default_plan(new.is_anonymous))
   on conflict (user_id) do nothing;
   return null;
 end
@@ -109,7 +117,7 @@ create trigger on_auth_user_converted_ai_settings
   for each row execute function public.ai_settings_for_converted_guest();
 
 insert into public.user_ai_settings (user_id, plan_id)
-select u.id, case when coalesce(u.is_anonymous, false) then 'guest' else 'free' end from auth.users u
+select u.id, public.ai_default_plan(u.is_anonymous) from auth.users u
 on conflict (user_id) do nothing;
 
 create function public.user_ai_settings_guard_update() returns trigger
@@ -142,8 +150,7 @@ set search_path = ''
 as $$
   select coalesce(
     (select s.plan_id from public.user_ai_settings s where s.user_id = p_user_id),
-    (select case when coalesce(u.is_anonymous, false) then 'guest' else 'free' end
-       from auth.users u where u.id = p_user_id),
+    (select public.ai_default_plan(u.is_anonymous) from auth.users u where u.id = p_user_id),
     'free')
 $$;
 
@@ -614,6 +621,7 @@ create policy "users delete their own feedback" on public.ai_feedback
 -- user_replicate_tokens: RLS on and no policy: no client reads or writes a row, ever.
 
 revoke execute on function
+  public.ai_default_plan(boolean),
   public.ai_settings_for_new_user(), public.ai_settings_for_converted_guest(), public.ai_plan_of(uuid),
   public.ai_usage_add(uuid, jsonb), public.admit_request(uuid, boolean),
   public.get_replicate_token(uuid), public.store_encrypted_replicate_token(uuid, integer, text),

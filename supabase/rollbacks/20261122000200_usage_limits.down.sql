@@ -37,6 +37,7 @@ drop table if exists public.user_ai_settings;
 drop function if exists public.user_ai_settings_guard_update();
 drop function if exists public.ai_settings_for_converted_guest();
 drop function if exists public.ai_settings_for_new_user();
+drop function if exists public.ai_default_plan(boolean);
 drop table if exists public.ai_plan_limits;
 drop table if exists public.ai_plans;
 delete from supabase_migrations.schema_migrations where version = '20261122000200';
