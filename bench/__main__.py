@@ -40,9 +40,22 @@ QUICK = {
 }
 
 
+def ad_hoc(spec: str, duration: float | None) -> dict[str, Any]:
+    """--points 100x2x0,1000x2x2:no_streaming → only these points (no grid, no soak)."""
+    variants = []
+    for item in spec.split(","):
+        shape, _, variant = item.strip().partition(":")
+        conv, workers, latency = shape.split("x")
+        variants.append((int(conv), int(workers), float(latency), variant or "default"))
+    extra: dict[str, Any] = {"conversations": [], "workers": [], "latencies": [], "variants": variants}
+    if duration:
+        extra["duration_s"] = duration
+    return extra
+
+
 def points(cfg: dict[str, Any]) -> list[pipeline.Point]:
     out = []
-    top_conv, top_latency = max(cfg["conversations"]), max(cfg["latencies"])
+    top_conv, top_latency = max(cfg["conversations"], default=0), max(cfg["latencies"], default=0.0)
     for latency in cfg["latencies"]:
         for workers in cfg["workers"]:
             for conv in cfg["conversations"]:
@@ -81,8 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where report.json and report.png go")
     parser.add_argument("--only", default="pipeline,peer,scale", help="comma-separated parts to run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary cluster folder and worker logs")
+    parser.add_argument("--points", help="ad-hoc pipeline points instead of the configured grid, e.g. "
+                                         "100x2x0,1000x2x2 (conversations x workers x latency[:variant])")
+    parser.add_argument("--duration", type=float, help="measured window of each ad-hoc point, seconds")
     args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.points:
+        cfg = {**cfg, **ad_hoc(args.points, args.duration)}
+        args.out = args.out or RESULTS / "adhoc"
     out_dir = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
     began = time.monotonic()

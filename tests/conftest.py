@@ -100,7 +100,7 @@ def public_images(monkeypatch: pytest.MonkeyPatch) -> Iterator[respx.MockRouter]
 
     real_resolve = attachments.resolve_host
     monkeypatch.setattr(attachments, "resolve_host", resolve)
-    with respx.mock(assert_all_called=False) as router:
+    with respx.mock(assert_all_called=False, using="httpx") as router:  # any transport, aiohttp too
         router.route(host="127.0.0.1").pass_through()
         router.head(host__regex=r".*\.example$").respond(200, headers={"content-type": "image/jpeg",
                                                                           "content-length": "48213"})

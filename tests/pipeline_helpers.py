@@ -9,11 +9,11 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import httpx
 import psycopg
 from psycopg.rows import dict_row
 
 from worker import chat
+from worker.app import replicate_http
 from worker.config import Settings
 from worker.pipeline import Worker
 from worker.provider import ReplicateClient
@@ -101,7 +101,7 @@ async def running_worker(settings: Settings, db_url: str, *, wakeups: Any = None
     """A worker on the postgres transport; with `stream`, it streams replies over NOTIFY."""
     own_store = store is None
     store = store or await PostgresStore.connect(db_url)
-    async with httpx.AsyncClient() as http:
+    async with replicate_http(settings) as http:  # the worker's own HTTP engine, as deployed
         publisher = NotifyPublisher(store.pool) if stream and isinstance(store, PostgresStore) else None
         worker = Worker(settings, store, ReplicateClient(http, settings), wakeups or ListenWakeups(db_url),
                         publisher=publisher)

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 PREFER_WAIT = re.compile(r"^wait(?:=(\d+))?$")
 
@@ -47,7 +48,7 @@ class Fault:
 class RecordedRequest:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]  # header names are case-insensitive, as in HTTP
     body: dict[str, Any] | None
 
 
@@ -207,7 +208,7 @@ class ReplicateSimulator:
                 body = await request.json()
             except ValueError:
                 body = None
-        recorded = RecordedRequest(request.method, request.path, dict(request.headers), body)
+        recorded = RecordedRequest(request.method, request.path, CIMultiDict(request.headers), body)
         self.requests.append(recorded)
         auth = request.headers.get("Authorization", "")
         if not auth.startswith("Bearer ") or not auth[7:] or (self.token is not None and auth[7:] != self.token):
