@@ -20,12 +20,12 @@ from tests.supabase_emulator import SupabaseEmulator
 from tests.test_supabase_transport import start_worker, stop_worker, supabase_settings
 from worker.prompts import visible_text
 from worker.simulator import Fault, ReplicateSimulator
-from worker.streaming import NOTIFY_CHANNEL
+from worker.streaming import NOTIFY_CHANNEL, Batcher, NotifyPublisher
 
 
 def streaming_worker(simulator: ReplicateSimulator, db_url: str, **overrides: Any):
-    return running_worker(worker_settings(simulator.base_url, stream_publish_interval_ms=0, **overrides), db_url,
-                          stream=True)
+    return running_worker(worker_settings(simulator.base_url, **{"stream_publish_interval_ms": 0, **overrides}),
+                          db_url, stream=True)
 
 
 @contextlib.asynccontextmanager
@@ -155,3 +155,65 @@ def test_only_the_threads_owner_may_join_its_broadcast_topic(conn) -> None:
 ])
 def test_markers_are_never_shown_while_streaming(text: str, visible: str) -> None:
     assert visible_text(text) == visible
+
+
+async def test_the_batcher_sends_what_queued_meanwhile_together_in_order_and_reports_failures() -> None:
+    sent: list[list[int]] = []
+    gate = asyncio.Event()
+
+    async def send(items: list[int]) -> None:
+        if not sent:
+            await gate.wait()  # the first batch is on its way while more items are submitted
+        sent.append(items)
+        if 13 in items:
+            raise RuntimeError("refused")
+
+    batcher: Batcher[int] = Batcher(send, max_batch=3)
+    first = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(batcher.submit(n)) for n in (2, 3, 4, 5)]
+    await asyncio.sleep(0)
+    assert sent == [] and not first.done()
+    gate.set()
+    await asyncio.gather(first, *rest)
+    assert sent == [[1], [2, 3, 4], [5]]  # one batch in flight at a time, at most max_batch each
+
+    failing = [asyncio.create_task(batcher.submit(n)) for n in (12, 13)]
+    results = await asyncio.gather(*failing, return_exceptions=True)
+    assert sent[-1] == [12, 13]
+    assert all(isinstance(r, RuntimeError) for r in results)  # every item of the batch hears why
+    await batcher.submit(14)  # and the batcher goes on
+    assert sent[-1] == [14]
+
+
+async def test_many_replies_streaming_at_once_share_notify_statements(db_url, simulator, monkeypatch) -> None:
+    """Eight replies streaming together: every delta arrives, in order per reply, in fewer
+    statements than deltas."""
+    batches: list[int] = []
+    original = NotifyPublisher._send
+
+    async def counted(self: NotifyPublisher, payloads: list[str]) -> None:
+        batches.append(len(payloads))
+        await original(self, payloads)
+
+    monkeypatch.setattr(NotifyPublisher, "_send", counted)
+    simulator.latency = 0.4
+    pairs = [await new_user_thread(db_url) for _ in range(8)]
+    async with listening(db_url) as received, streaming_worker(simulator, db_url, stream_publish_interval_ms=20):
+        for user, thread in pairs:
+            await say(db_url, user, thread, "Tell me about scarves")
+        await finished_runs(db_url, len(pairs))
+
+        async def all_closed() -> bool:
+            return sum(1 for m in received if m["done"]) == len(pairs)
+
+        await wait_until(all_closed, 10, "every stream closed")
+    by_run: dict[str, list[dict]] = {}
+    for message in received:
+        by_run.setdefault(message["run_id"], []).append(message)
+    assert len(by_run) == len(pairs)
+    for messages in by_run.values():
+        assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
+    replies = await query(db_url, "select content from assistant_messages where role = 'assistant'")
+    assert sorted(joined(ms).strip() for ms in by_run.values()) == sorted(r["content"] for r in replies)
+    assert sum(batches) == len(received) and len(batches) < len(received) and max(batches) > 1
