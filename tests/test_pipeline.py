@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from decimal import Decimal
 
 import pytest
@@ -24,6 +25,7 @@ from tests.pipeline_helpers import (
     worker_settings,
 )
 from worker.simulator import Fault, ReplicateSimulator
+from worker.store import PostgresStore
 
 
 async def test_chat_message_gets_its_reply_event_and_numbers(db_url: str, simulator: ReplicateSimulator) -> None:
@@ -268,3 +270,48 @@ async def test_a_message_deleted_while_its_reply_is_produced_is_dropped_quietly(
     assert await query(db_url, "select * from assistant_messages") == []
     assert worker.counts["completed"] == 0
     assert not [k for k in worker.counts if k.startswith("failed.")]  # not mistaken for a failure
+
+
+async def test_replies_finishing_together_are_written_in_one_call_each_exactly_once(db_url, simulator, monkeypatch) -> None:
+    batches: list[int] = []
+    original = PostgresStore.complete_many
+
+    async def counted(self: PostgresStore, completions: list) -> dict:
+        batches.append(len(completions))
+        return await original(self, completions)
+
+    monkeypatch.setattr(PostgresStore, "complete_many", counted)
+    simulator.latency = 0.2  # the whole backlog is claimed at once and finishes at about the same time
+    pairs = [await new_user_thread(db_url) for _ in range(12)]
+    messages = [await say(db_url, user, thread, f"question {i}") for i, (user, thread) in enumerate(pairs)]
+    async with running_worker(worker_settings(simulator.base_url), db_url) as worker:
+        await finished_runs(db_url, len(messages))
+    assert batches and max(batches) > 1 and worker.counts["completed"] == len(messages)
+    replies = await query(db_url, "select reply_to from assistant_messages where role = 'assistant'")
+    assert sorted(r["reply_to"] for r in replies) == sorted(messages)
+    counted_tokens = await query(db_url, """
+        select e.user_id, e.input_tokens + e.output_tokens as tokens, c.used
+          from assistant_inference_events e
+          join ai_usage_counters c on c.user_id = e.user_id and c.metric = 'tokens' and c.time_window = 'day'""")
+    assert len(counted_tokens) == len(messages) and all(r["tokens"] == r["used"] for r in counted_tokens)
+
+
+async def test_a_batch_with_a_deleted_run_is_completed_one_by_one(db_url, simulator, monkeypatch) -> None:
+    original = PostgresStore.complete_many
+    deleted: list[uuid.UUID] = []
+
+    async def delete_one_first(self: PostgresStore, completions: list) -> dict:
+        if not deleted:  # the user deletes one message while the batch is on its way
+            deleted.append(completions[0].run.message_id)
+            await query(db_url, "delete from assistant_messages where id = %s returning id", (deleted[0],))
+        return await original(self, completions)
+
+    monkeypatch.setattr(PostgresStore, "complete_many", delete_one_first)
+    simulator.latency = 0.2
+    pairs = [await new_user_thread(db_url) for _ in range(6)]
+    messages = [await say(db_url, user, thread, f"question {i}") for i, (user, thread) in enumerate(pairs)]
+    async with running_worker(worker_settings(simulator.base_url), db_url) as worker:
+        await wait_until(lambda: asyncio.sleep(0, worker.counts["completed"] + worker.counts["gone"] == len(messages)))
+    assert deleted and worker.counts["gone"] == 1 and worker.counts["completed"] == len(messages) - 1
+    replies = await query(db_url, "select reply_to from assistant_messages where role = 'assistant'")
+    assert sorted(r["reply_to"] for r in replies) == sorted(m for m in messages if m not in deleted)

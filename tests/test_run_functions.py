@@ -12,7 +12,7 @@ import pytest
 
 from tests import postgrest
 from tests.conftest import user_message as say
-from tests.postgrest import request
+from tests.postgrest import create_user, request
 
 MODEL = "meta/meta-llama-3-8b-instruct"
 
@@ -249,6 +249,7 @@ def test_concurrent_claims_are_disjoint(db_url: str, conn, owner, thread) -> Non
 @pytest.mark.parametrize("call", [
     "select * from claim_runs('x')",
     "select complete_run(gen_random_uuid(), 1, 'x', 'm')",
+    "select * from complete_runs('[{\"run_id\": \"00000000-0000-0000-0000-000000000000\"}]')",
     "select fail_attempt(gen_random_uuid(), 1, 'timeout')",
     "select release_run(gen_random_uuid(), 'x', 1)",
     "select extend_lease(gen_random_uuid(), 'x', 1)",
@@ -261,3 +262,68 @@ def test_clients_cannot_call_worker_functions(conn, owner, call: str, actor: str
     with request(conn, who) as cur:
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for function"):
             cur.execute(call)
+
+
+def batch_item(run: dict, content: str = "An answer.", **extra) -> dict:
+    return {"run_id": str(run["run_id"]), "attempt": run["attempt"], "content": content, "model": MODEL,
+            "prediction_id": f"pred-{run['run_id']}", "input_tokens": 12, "output_tokens": 3, "cost_usd": "0.000005",
+            "latency_ms": 250, "metadata": {"route": "chat"}, "follow_ups": ["More?"], **extra}
+
+
+def complete_batch(conn: psycopg.Connection, items: list[dict]) -> dict:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    rows = cur.execute("select * from complete_runs(%s)", (psycopg.types.json.Jsonb(items),)).fetchall()
+    return {r["run_id"]: r["reply_id"] for r in rows}
+
+
+USAGE = "select metric, time_window, used from ai_usage_counters where user_id = %s order by 1, 2"
+
+
+def test_complete_runs_writes_what_complete_run_writes_for_each_run(conn, owner, thread) -> None:
+    other = create_user(conn, email="other@example.com")
+    other_thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (other,)).fetchone()[0]
+    say(conn, owner, thread, "one")
+    say(conn, owner, thread, "two")
+    say(conn, other, other_thread, "three")
+    runs = claim(conn)
+    assert len(runs) == 3
+    cancelled = runs[2]
+    conn.execute("update assistant_runs set cancel_requested_at = now() where id = %s", (cancelled["run_id"],))
+    replies = complete_batch(conn, [batch_item(r, f"answer {i}") for i, r in enumerate(runs)])
+    assert set(replies) == {r["run_id"] for r in runs}
+    assert replies[cancelled["run_id"]] is None  # cancelled meanwhile: no reply, as with complete_run
+    for i, run in enumerate(runs[:2]):
+        row = conn.execute("select content, reply_to, model, metadata_json from assistant_messages where id = %s",
+                           (replies[run["run_id"]],)).fetchone()
+        assert row == (f"answer {i}", run["message_id"], MODEL, {"route": "chat"})
+        assert run_row(conn, run["run_id"])["status"] == "completed"
+    assert run_row(conn, cancelled["run_id"])["status"] == "cancelled"
+    events = conn.execute("select run_id, status, cost_estimate_usd from assistant_inference_events").fetchall()
+    assert sorted(events) == sorted([(r["run_id"], "succeeded", Decimal("0.000005")) for r in runs[:2]]
+                                    + [(cancelled["run_id"], "cancelled", Decimal("0.000005"))])
+    assert conn.execute("select count(*) from assistant_follow_ups").fetchone()[0] == 2
+    # Usage as two single completions would have counted it.
+    used = {(m, w): u for m, w, u in conn.execute(USAGE, (owner,)).fetchall()}
+    assert used[("tokens", "day")] == 30 and used[("cost_usd", "month")] == Decimal("0.00001")
+    # Repeating the batch changes nothing and returns the same replies.
+    assert complete_batch(conn, [batch_item(r, "again") for r in runs]) == replies
+    assert conn.execute("select count(*) from assistant_messages where role = 'assistant'").fetchone()[0] == 2
+
+
+def test_complete_runs_fails_as_a_whole_and_changes_nothing(conn, owner, thread) -> None:
+    say(conn, owner, thread, "one")
+    say(conn, owner, thread, "two")
+    good, gone = claim(conn)
+    conn.execute("delete from assistant_runs where id = %s", (gone["run_id"],))
+    with pytest.raises(psycopg.errors.NoDataFound, match="not found"):
+        complete_batch(conn, [batch_item(good), batch_item(gone)])
+    assert run_row(conn, good["run_id"])["status"] == "in_progress"
+    assert conn.execute("select count(*) from assistant_messages where role = 'assistant'").fetchone()[0] == 0
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="cannot be empty"):
+        complete_batch(conn, [batch_item(good, "  ")])
+
+
+@pytest.mark.parametrize("bad", ["{}", "[]", "[1]", '[{"content": "no run"}]'])
+def test_complete_runs_refuses_what_is_not_a_list_of_runs(conn, bad: str) -> None:
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="p_runs must be|every element"):
+        conn.execute("select * from complete_runs(%s::jsonb)", (bad,))

@@ -20,7 +20,8 @@ from tests.supabase_emulator import SupabaseEmulator
 from tests.test_supabase_transport import start_worker, stop_worker, supabase_settings
 from worker.prompts import visible_text
 from worker.simulator import Fault, ReplicateSimulator
-from worker.streaming import NOTIFY_CHANNEL, Batcher, NotifyPublisher
+from worker.batching import Batcher
+from worker.streaming import NOTIFY_CHANNEL, NotifyPublisher
 
 
 def streaming_worker(simulator: ReplicateSimulator, db_url: str, **overrides: Any):
@@ -168,7 +169,7 @@ async def test_the_batcher_sends_what_queued_meanwhile_together_in_order_and_rep
         if 13 in items:
             raise RuntimeError("refused")
 
-    batcher: Batcher[int] = Batcher(send, max_batch=3)
+    batcher: Batcher[int, None] = Batcher(send, max_batch=3)
     first = asyncio.create_task(batcher.submit(1))
     await asyncio.sleep(0)
     rest = [asyncio.create_task(batcher.submit(n)) for n in (2, 3, 4, 5)]

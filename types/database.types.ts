@@ -1095,6 +1095,13 @@ export type Database = {
         }
         Returns: string
       }
+      complete_runs: {
+        Args: { p_runs: Json }
+        Returns: {
+          reply_id: string
+          run_id: string
+        }[]
+      }
       default_assistant_id: { Args: never; Returns: string }
       extend_lease: {
         Args: {

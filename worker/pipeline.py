@@ -16,6 +16,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from worker.actions import ActionRegistry, default_registry
 from worker.attachments import ImageResolver
+from worker.batching import Batcher
 from worker.byok import UserTokens
 from worker.config import Settings
 from worker.knowledge import Embedder, retrieve
@@ -30,11 +31,12 @@ from worker.prompts import (
     parse_reply,
 )
 from worker.provider import Prediction, PredictionHandle, ProviderError, ReplicateClient, estimate_cost
-from worker.store import ClaimedRun, RunGone, RunStore, StoreUnavailable
+from worker.store import ClaimedRun, Completion, RunGone, RunStore, StoreUnavailable
 from worker.streaming import Publisher, ReplyRelay
 
 log = logging.getLogger("worker.pipeline")
 T = TypeVar("T")
+COMPLETE_BATCH = 50  # replies per complete_runs call
 
 
 class Wakeups(Protocol):
@@ -69,6 +71,7 @@ class Worker:
         self.publisher = publisher if settings.stream_replies else None
         self.cancelling: set[uuid.UUID] = set()
         self._check_cancellations = asyncio.Event()
+        self.completions: Batcher[Completion, uuid.UUID | None] = Batcher(self._complete_batch, COMPLETE_BATCH)
 
     # -- the loop -------------------------------------------------------------------------------
     def wake(self, kind: str = "runs") -> None:
@@ -367,7 +370,7 @@ class Worker:
         if prediction.predict_time is not None:
             metadata["predict_time"] = prediction.predict_time
         cost = estimate_cost(request.model, input_tokens, output_tokens, prediction.predict_time)
-        await self._store_call(lambda: self.store.complete(
+        await self.completions.submit(Completion(
             run, content=reply.content, model=request.model.slug, prediction_id=prediction.id,
             input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost,
             latency_ms=prediction.latency_ms, metadata=metadata, follow_ups=reply.follow_ups, actions=reply.actions,
@@ -383,6 +386,27 @@ class Worker:
                                          "message_id": str(run.message_id), "attempt": run.attempt,
                                          "model": request.model.slug, "latency_ms": prediction.latency_ms,
                                          "output_tokens": output_tokens})
+
+    async def _complete_batch(self, batch: list[Completion]) -> list[uuid.UUID | None | BaseException]:
+        """Replies finished while the previous batch was being written go in one call
+        (complete_runs); one alone, or a batch that failed as a whole, one call each
+        (complete_run), so that each run gets its own outcome (e.g. RunGone)."""
+        if len(batch) > 1:
+            try:
+                replies = await self._store_call(lambda: self.store.complete_many(batch))
+                return [replies.get(c.run.run_id) for c in batch]
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                log.info("batch completion failed; completing one by one",
+                         extra={"event": "run.batch_failed", "size": len(batch), "error": str(exc)[:200]})
+        outcomes: list[uuid.UUID | None | BaseException] = []
+        for completion in batch:
+            try:
+                outcomes.append(await self._store_call(lambda c=completion: self.store.complete(c)))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
     async def _fail(self, run: ClaimedRun, request: ModelRequest | None, error: ProviderError) -> None:
         model = request.model.slug if request else "unknown"

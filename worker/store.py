@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -56,6 +56,36 @@ class ClaimedRun:
 
 
 @dataclass(frozen=True)
+class Completion:
+    """A finished reply, as complete_run takes it."""
+
+    run: ClaimedRun
+    content: str
+    model: str
+    prediction_id: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cost_usd: Decimal | None
+    latency_ms: int | None
+    metadata: dict[str, Any]
+    follow_ups: list[str] = field(default_factory=list)
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    time_to_first_token_ms: int | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        """complete_run's arguments without their p_ prefix."""
+        return {"run_id": self.run.run_id, "attempt": self.run.attempt, "content": self.content, "model": self.model,
+                "provider": "replicate", "prediction_id": self.prediction_id, "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens, "cost_usd": self.cost_usd, "latency_ms": self.latency_ms,
+                "metadata": self.metadata, "follow_ups": self.follow_ups, "actions": self.actions,
+                "time_to_first_token_ms": self.time_to_first_token_ms}
+
+    def json(self) -> dict[str, Any]:
+        """The same as one element of complete_runs' JSON array (exact decimal as a string)."""
+        return {k: str(v) if isinstance(v, (uuid.UUID, Decimal)) else v for k, v in self.arguments().items()}
+
+
+@dataclass(frozen=True)
 class QueueStatus:
     due_now: int
     next_due_at: datetime | None
@@ -79,20 +109,16 @@ class RunStore(ABC):
                                                "p_chat_model": chat_model, "p_vision_model": vision_model}, rows=True)
         return [ClaimedRun.from_row(row) for row in found]
 
-    async def complete(self, run: ClaimedRun, *, content: str, model: str, prediction_id: str | None,
-                       input_tokens: int | None, output_tokens: int | None, cost_usd: Decimal | None,
-                       latency_ms: int | None, metadata: dict[str, Any], follow_ups: list[str] | None = None,
-                       actions: list[dict[str, Any]] | None = None,
-                       time_to_first_token_ms: int | None = None) -> uuid.UUID | None:
+    async def complete(self, completion: Completion) -> uuid.UUID | None:
         """The reply id; None when the run was cancelled meanwhile (no reply is written then)."""
-        reply = await self.call("complete_run", {
-            "p_run_id": run.run_id, "p_attempt": run.attempt, "p_content": content, "p_model": model,
-            "p_provider": "replicate", "p_prediction_id": prediction_id, "p_input_tokens": input_tokens,
-            "p_output_tokens": output_tokens, "p_cost_usd": cost_usd, "p_latency_ms": latency_ms,
-            "p_metadata": metadata, "p_follow_ups": follow_ups or [], "p_actions": actions or [],
-            "p_time_to_first_token_ms": time_to_first_token_ms,
-        })
+        reply = await self.call("complete_run", {f"p_{k}": v for k, v in completion.arguments().items()})
         return uuid.UUID(str(reply)) if reply else None
+
+    async def complete_many(self, completions: list[Completion]) -> dict[uuid.UUID, uuid.UUID | None]:
+        """Several completions in one call and one transaction (complete_runs): each run's reply
+        id. Any error fails them all and changes nothing (then complete them one by one)."""
+        rows = await self.call("complete_runs", {"p_runs": [c.json() for c in completions]}, rows=True)
+        return {uuid.UUID(str(r["run_id"])): uuid.UUID(str(r["reply_id"])) if r["reply_id"] else None for r in rows}
 
     async def fail(self, run: ClaimedRun, *, code: str, error: str, retryable: bool, retry_in: float | None,
                    model: str, prediction_id: str | None, latency_ms: int | None) -> str:

@@ -15,16 +15,15 @@ once would otherwise cost a round trip each). A failure to publish never fails t
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
 import httpx
 
+from worker.batching import Batcher
 from worker.prompts import visible_text
 
 log = logging.getLogger("worker.streaming")
@@ -33,51 +32,16 @@ NOTIFY_CHANNEL = "assistant_stream"
 BROADCAST_EVENT = "reply_delta"
 MAX_DELTA_CHARS = 2000  # NOTIFY payloads stay far below PostgreSQL's 8000 bytes
 MAX_BATCH = 200  # deltas per NOTIFY statement or Broadcast request
-T = TypeVar("T")
 
 
 class Publisher(Protocol):
     async def publish(self, thread_id: uuid.UUID, payload: dict[str, Any]) -> None: ...
 
 
-class Batcher(Generic[T]):
-    """Group commit for small messages: `submit` queues an item and returns once the batch that
-    carried it was sent (or raises what sending it raised). One batch is on its way at a time;
-    whatever is submitted meanwhile goes in the next one, so an idle publisher adds no delay and
-    a busy one sends one request per round trip instead of one per item. Items keep their order."""
-
-    def __init__(self, send: Callable[[list[T]], Awaitable[None]], max_batch: int = MAX_BATCH) -> None:
-        self._send = send
-        self._max = max_batch
-        self._queue: list[tuple[T, asyncio.Future[None]]] = []
-        self._sender: asyncio.Task[None] | None = None
-
-    async def submit(self, item: T) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._drain())
-        await future
-
-    async def _drain(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[:self._max], self._queue[self._max:]
-            try:
-                await self._send([item for item, _ in batch])
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-            else:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
-
-
 class NotifyPublisher:
     def __init__(self, pool: Any) -> None:
         self.pool = pool  # psycopg_pool.AsyncConnectionPool
-        self._batcher: Batcher[str] = Batcher(self._send)
+        self._batcher: Batcher[str, None] = Batcher(self._send, MAX_BATCH)
 
     async def publish(self, thread_id: uuid.UUID, payload: dict[str, Any]) -> None:
         await self._batcher.submit(json.dumps({"thread_id": str(thread_id), **payload}))
@@ -97,7 +61,7 @@ class BroadcastPublisher:
         self.http = http
         self.url = f"{supabase_url.rstrip('/')}/realtime/v1/api/broadcast"
         self.headers = {"apikey": service_role_key, "Authorization": f"Bearer {service_role_key}"}
-        self._batcher: Batcher[dict[str, Any]] = Batcher(self._send)
+        self._batcher: Batcher[dict[str, Any], None] = Batcher(self._send, MAX_BATCH)
 
     async def publish(self, thread_id: uuid.UUID, payload: dict[str, Any]) -> None:
         await self._batcher.submit({"topic": f"thread:{thread_id}", "event": BROADCAST_EVENT, "payload": payload,
