@@ -12,13 +12,15 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests import postgrest
 from tests.pipeline_helpers import finished_runs, new_user_thread, query, running_worker, say, wait_until, worker_settings
 from tests.postgrest import create_user, request
 from tests.supabase_emulator import SupabaseEmulator
 from tests.test_supabase_transport import start_worker, stop_worker, supabase_settings
-from worker.prompts import visible_text
+from worker.prompts import MARKERS, visible_text
 from worker.simulator import Fault, ReplicateSimulator
 from worker.batching import Batcher
 from worker.streaming import NOTIFY_CHANNEL, NotifyPublisher
@@ -156,6 +158,22 @@ def test_only_the_threads_owner_may_join_its_broadcast_topic(conn) -> None:
 ])
 def test_markers_are_never_shown_while_streaming(text: str, visible: str) -> None:
     assert visible_text(text) == visible
+
+
+def held_back_by_brute_force(text: str) -> str:
+    """The rule spelled out: cut at the first marker, then drop the longest tail that a marker
+    starts with."""
+    cut = min((i for i in (text.find(m) for m in MARKERS) if i >= 0), default=len(text))
+    visible = text[:cut]
+    for size in range(len(visible), 0, -1):
+        if any(m.startswith(visible[-size:]) for m in MARKERS):
+            return visible[:-size]
+    return visible
+
+
+@given(st.text(alphabet=st.sampled_from(list("<>abcfiknolotuw-s \n")), max_size=60))
+def test_the_held_back_tail_is_exactly_what_may_start_a_marker(text: str) -> None:
+    assert visible_text(text) == held_back_by_brute_force(text)
 
 
 async def test_the_batcher_sends_what_queued_meanwhile_together_in_order_and_reports_failures() -> None:

@@ -207,6 +207,8 @@ def build_request(settings: Settings, history: list[dict[str, Any]], content: st
 
 
 MARKERS = (FOLLOW_UPS_MARKER, ACTION_MARKER)
+_LONGEST_MARKER = max(len(m) for m in MARKERS)
+assert all(m.startswith("<") for m in MARKERS)
 
 
 def visible_text(text: str) -> str:
@@ -214,10 +216,12 @@ def visible_text(text: str) -> str:
     action blocks, holding back a tail that may be the start of a marker."""
     cut = min((i for i in (text.find(m) for m in MARKERS) if i >= 0), default=len(text))
     visible = text[:cut]
-    longest = max(len(m) for m in MARKERS)
-    for size in range(min(len(visible), longest - 1), 0, -1):
-        if any(m.startswith(visible[-size:]) for m in MARKERS):
-            return visible[:-size]
+    # Every marker starts with "<": a tail that may begin one starts at a "<" near the end.
+    start = visible.find("<", max(0, len(visible) - (_LONGEST_MARKER - 1)))
+    while start >= 0:
+        if any(m.startswith(visible[start:]) for m in MARKERS):
+            return visible[:start]
+        start = visible.find("<", start + 1)
     return visible
 
 
