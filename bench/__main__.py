@@ -27,14 +27,15 @@ FULL = {
     "conversations": [1, 10, 100, 1000], "workers": [1, 2], "latencies": [0.0, 2.0],
     "warmup_s": 5.0, "duration_s": 20.0, "soak_duration_s": 60.0,
     # (conversations, workers, latency, variant): the same point with one suspected cost taken away
-    "variants": [(100, 2, 0.0, "no_streaming"), (100, 2, 0.0, "sniffio_stub"), (1000, 2, 2.0, "no_streaming")],
+    "variants": [(100, 1, 0.0, "paced"), (100, 2, 0.0, "paced"), (100, 2, 0.0, "no_streaming"),
+                 (1000, 2, 2.0, "no_streaming")],
     "peer_jobs": 5000, "peer_concurrency": 32, "peer_connections": 8,
     "scale_threads": 100_000, "scale_iterations": 2000,
 }
 QUICK = {
     "conversations": [1, 10], "workers": [1, 2], "latencies": [0.0, 0.5],
     "warmup_s": 1.0, "duration_s": 3.0, "soak_duration_s": 3.0,
-    "variants": [(10, 2, 0.0, "no_streaming"), (10, 2, 0.0, "sniffio_stub")],
+    "variants": [(10, 2, 0.0, "paced"), (10, 2, 0.0, "no_streaming")],
     "peer_jobs": 500, "peer_concurrency": 32, "peer_connections": 8,
     "scale_threads": 2000, "scale_iterations": 200,
 }

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -85,6 +86,11 @@ VARIANTS: dict[str, dict[str, str]] = {
     # httpcore does `import sniffio` on every request; sniffio is not installed, so each request pays
     # a failed import (a sys.path scan). A stub module on PYTHONPATH shows what that costs.
     "sniffio_stub": {"_SNIFFIO_STUB": "1"},
+    # Not a cost taken away but another load: each conversation waits a think time (uniform in
+    # 0.5-1.5 s) between a reply and its next message, as people do. A closed loop without think
+    # time keeps the pipeline saturated, so its latency is mostly queueing (conversations divided
+    # by replies per second); paced, the latency is what the pipeline itself adds.
+    "paced": {"_THINK_SECONDS": "1.0"},
 }
 SNIFFIO_STUB = '''"""Bench stub: what httpcore asks sniffio (the real package answers the same under asyncio)."""
 
@@ -174,7 +180,7 @@ class PipelineBench:
             env = worker_env()
             port = free_port()
             self.metrics_urls.append(f"http://127.0.0.1:{port}/metrics")
-            variant = dict(VARIANTS[point.variant])
+            variant = {k: v for k, v in VARIANTS[point.variant].items() if k != "_THINK_SECONDS"}
             if variant.pop("_SNIFFIO_STUB", None):
                 stub = self.workdir / "sniffio_stub"
                 stub.mkdir(exist_ok=True)
@@ -322,8 +328,13 @@ class PipelineBench:
                                    kwargs={"autocommit": True, "application_name": "bench-client"})
         await pool.open(wait=True, timeout=60)
 
+        think = float(VARIANTS[point.variant].get("_THINK_SECONDS", 0))
+        pacing = random.Random(7)
+
         async def conversation(index: int, user: uuid.UUID, thread: uuid.UUID) -> None:
             nonlocal timeouts
+            if think:  # paced conversations start spread over one think time
+                await asyncio.sleep(pacing.uniform(0, think))
             claims = json.dumps({"sub": str(user), "role": "authenticated", "aud": "authenticated"})
             n = 0
             while not stop.is_set():
@@ -357,6 +368,8 @@ class PipelineBench:
                     continue
                 client_samples.append((committed, replied - committed))
                 n += 1
+                if think:
+                    await asyncio.sleep(pacing.uniform(0.5, 1.5) * think)
 
         # Monitors: memory of the workers and queue depth every 0.5 s; wait events every 0.1 s.
         rss_series: list[tuple[float, list[float]]] = []
