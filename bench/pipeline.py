@@ -83,8 +83,9 @@ class Point:
 VARIANTS: dict[str, dict[str, str]] = {
     "default": {},
     "no_streaming": {"STREAM_REPLIES": "false"},
-    # httpcore does `import sniffio` on every request; sniffio is not installed, so each request pays
-    # a failed import (a sys.path scan). A stub module on PYTHONPATH shows what that costs.
+    # httpcore does `import sniffio` on every request; without sniffio installed each request paid a
+    # failed import (a sys.path scan). A stub module on PYTHONPATH showed what that cost (sniffio is
+    # a dependency since).
     "sniffio_stub": {"_SNIFFIO_STUB": "1"},
     # Not a cost taken away but another load: each conversation waits a think time (uniform in
     # 0.5-1.5 s) between a reply and its next message, as people do. A closed loop without think
@@ -92,6 +93,13 @@ VARIANTS: dict[str, dict[str, str]] = {
     # by replies per second); paced, the latency is what the pipeline itself adds.
     "paced": {"_THINK_SECONDS": "1.0"},
 }
+
+
+def worker_variant_env(variant: str) -> dict[str, str]:
+    """A variant's worker settings; keys starting with "_" are the bench's own."""
+    return {k: v for k, v in VARIANTS[variant].items() if not k.startswith("_")}
+
+
 SNIFFIO_STUB = '''"""Bench stub: what httpcore asks sniffio (the real package answers the same under asyncio)."""
 
 
@@ -180,8 +188,8 @@ class PipelineBench:
             env = worker_env()
             port = free_port()
             self.metrics_urls.append(f"http://127.0.0.1:{port}/metrics")
-            variant = {k: v for k, v in VARIANTS[point.variant].items() if k != "_THINK_SECONDS"}
-            if variant.pop("_SNIFFIO_STUB", None):
+            variant = VARIANTS[point.variant]
+            if variant.get("_SNIFFIO_STUB"):
                 stub = self.workdir / "sniffio_stub"
                 stub.mkdir(exist_ok=True)
                 (stub / "sniffio.py").write_text(SNIFFIO_STUB)
@@ -192,7 +200,7 @@ class PipelineBench:
                 "REPLICATE_PREFER_WAIT_SECONDS": str(PREFER_WAIT_SECONDS), "WORKER_CONCURRENCY": str(concurrency),
                 "USAGE_REPORT_REFRESH_SECONDS": "0", "LOG_LEVEL": "WARNING", "WORKER_SHUTDOWN_GRACE_SECONDS": "5",
                 "WORKER_ID": f"bench-w{i}", "PGAPPNAME": f"bench-worker-{i}", "METRICS_PORT": str(port),
-                **variant,
+                **worker_variant_env(point.variant),
             })
             logfile = self.workdir / f"worker-{point.key}-{i}.log"
             self.worker_logs.append(logfile)
@@ -603,7 +611,7 @@ async def run(cluster: BenchCluster, dbname: str, workdir: Path, points: list[Po
                 result["overhead_ms"] = overhead(result["latency_ms"], point.latency)
                 result.update(conversations=point.conversations, workers=point.workers, latency_s=point.latency,
                               warmup_s=point.warmup, duration_s=point.duration, soak=point.soak, variant=point.variant,
-                              variant_env={k: v for k, v in VARIANTS[point.variant].items() if not k.startswith("_")},
+                              variant_env=worker_variant_env(point.variant),
                               worker_concurrency=min(1000, max(32, point.conversations)),
                               wall_seconds=round(time.monotonic() - began, 1))
                 lat = result["latency_ms"]
