@@ -12,8 +12,9 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests import postgrest
-from tests.conftest import user_message
+from tests.conftest import PROJECT_DIR, user_message
 from tests.postgrest import create_user, request
+from worker import migrations
 
 
 def make_plan(conn: psycopg.Connection, plan: str, limits: list[tuple[str, str, float | None]],
@@ -35,7 +36,7 @@ def admitted_count(conn: psycopg.Connection, user: uuid.UUID, times: int, vision
 
 def age_counters(conn: psycopg.Connection, user: uuid.UUID, window: str) -> None:
     """Pretend the current `window` is over: its counters now belong to the previous window."""
-    conn.execute("update ai_usage_counters set window_start = window_start - ('1 ' || time_window)::interval"
+    conn.execute("update ai_usage_windows set window_start = window_start - ('1 ' || time_window)::interval"
                  " where user_id = %s and time_window = %s", (user, window))
 
 
@@ -246,3 +247,74 @@ def test_premium_plan_admits_a_hundred_messages_a_day(conn) -> None:
         age_counters(conn, user, "hour")
     assert admitted == 100
     assert admit(conn, user)["window"] == "day"
+
+
+# -- usage in one row per user and window (migration 20261122000700) ------------------------------
+WINDOWS_ROLLBACK = PROJECT_DIR / "supabase" / "rollbacks" / "20261122000700_usage_windows.down.sql"
+COUNTERS = "select metric, time_window, used from ai_usage_counters where user_id = %s order by 1, 2"
+
+
+def test_usage_windows_keep_the_counts_of_the_per_metric_counters_both_ways(cluster, template_db) -> None:
+    url = cluster.create_database("usage_windows_upgrade", template=template_db)
+    with psycopg.connect(url, autocommit=True) as conn:
+        user = create_user(conn)
+        conn.execute("""select ai_usage_add(%s, '{"messages": 2, "tokens": 120, "cost_usd": 0.0031}')""", (user,))
+        counted = conn.execute(COUNTERS, (user,)).fetchall()
+        assert len(counted) == 12 and {m for m, _, _ in counted} == {"messages", "tokens", "cost_usd"}
+
+        conn.execute(WINDOWS_ROLLBACK.read_text())  # back to one row per metric and window
+        assert conn.execute("select relkind from pg_class where oid = 'public.ai_usage_counters'::regclass"
+                            ).fetchone()[0] == "r"
+        assert conn.execute(COUNTERS, (user,)).fetchall() == counted
+        conn.execute("""select ai_usage_add(%s, '{"requests": 1}')""", (user,))  # counted the old way
+
+        assert migrations.prepare(url, project_dir=PROJECT_DIR, seed=False) == ["20261122000700"]
+        requests = [("requests", w, Decimal(1)) for w in ("day", "hour", "month", "week")]
+        assert conn.execute(COUNTERS, (user,)).fetchall() == sorted(counted + requests)
+        rows = conn.execute("select time_window, messages, vision_messages, requests, tokens, cost_usd"
+                            " from ai_usage_windows where user_id = %s order by 1", (user,)).fetchall()
+        assert rows == [(w, 2, 0, 1, 120, Decimal("0.0031")) for w in ("day", "hour", "month", "week")]
+
+
+def test_usage_add_refuses_unknown_metrics_and_ignores_what_is_not_positive(conn) -> None:
+    user = create_user(conn)
+    for deltas, reason in (('{"messages": 1, "bogus": 1}', "unknown usage metric"),
+                           ("[1]", "must be a JSON object")):
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=reason):
+            conn.execute("select ai_usage_add(%s, %s)", (user, deltas))
+    conn.execute("""select ai_usage_add(%s, '{"messages": 0, "tokens": -5}')""", (user,))
+    assert conn.execute("select count(*) from ai_usage_windows where user_id = %s", (user,)).fetchone()[0] == 0
+    conn.execute("""select ai_usage_add(%s, '{"messages": 1, "tokens": -5}')""", (user,))
+    assert conn.execute(COUNTERS, (user,)).fetchall() == [
+        ("messages", w, Decimal(1)) for w in ("day", "hour", "month", "week")]
+
+
+def test_admissions_and_completions_of_one_user_at_once_never_deadlock(db_url: str, conn) -> None:
+    """Admission locks the user's windows in the order completions write them (hour, day, week,
+    month); in any other order the two wait for each other and PostgreSQL aborts one."""
+    make_plan(conn, "hourly_and_monthly", [("messages", "month", 100_000), ("tokens", "hour", 10_000_000)])
+    user = create_user(conn, plan="hourly_and_monthly")
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(16)
+
+    def one(admits: bool) -> None:
+        try:
+            with psycopg.connect(db_url, autocommit=True) as c:
+                barrier.wait()
+                for _ in range(40):
+                    with c.transaction():  # as claim_runs and complete_runs do: several steps in one transaction
+                        if admits:
+                            assert admit(c, user)["admitted"]
+                        c.execute("""select ai_usage_add(%s, '{"tokens": 3, "cost_usd": 0.001}')""", (user,))
+                        if not admits:
+                            assert admit(c, user)["admitted"]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i % 2 == 0,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert dict(((m, w), u) for m, w, u in conn.execute(COUNTERS, (user,)))[("messages", "month")] == 16 * 40

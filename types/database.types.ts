@@ -127,29 +127,38 @@ export type Database = {
         }
         Relationships: []
       }
-      ai_usage_counters: {
+      ai_usage_windows: {
         Row: {
-          metric: string
+          cost_usd: number
+          messages: number
+          requests: number
           time_window: string
+          tokens: number
           updated_at: string
-          used: number
           user_id: string
+          vision_messages: number
           window_start: string
         }
         Insert: {
-          metric: string
+          cost_usd?: number
+          messages?: number
+          requests?: number
           time_window: string
+          tokens?: number
           updated_at?: string
-          used?: number
           user_id: string
+          vision_messages?: number
           window_start: string
         }
         Update: {
-          metric?: string
+          cost_usd?: number
+          messages?: number
+          requests?: number
           time_window?: string
+          tokens?: number
           updated_at?: string
-          used?: number
           user_id?: string
+          vision_messages?: number
           window_start?: string
         }
         Relationships: []
@@ -930,6 +939,17 @@ export type Database = {
             referencedColumns: ["id"]
           },
         ]
+      }
+      ai_usage_counters: {
+        Row: {
+          metric: string | null
+          time_window: string | null
+          updated_at: string | null
+          used: number | null
+          user_id: string | null
+          window_start: string | null
+        }
+        Relationships: []
       }
       ai_usage_daily: {
         Row: {
