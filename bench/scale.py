@@ -117,34 +117,33 @@ def load(url: str, threads: int, log: Any = print) -> dict[str, Any]:
         # Usage history: past and current windows for every user (what a few months of use leave).
         started = time.monotonic()
         conn.execute("""
-            insert into ai_usage_counters (user_id, metric, time_window, window_start, used)
-            select md5('bench-user-' || g)::uuid, m.metric, w.time_window, w.window_start, 1 + (g %% 40)
+            insert into ai_usage_windows (user_id, time_window, window_start, messages, requests, tokens, cost_usd)
+            select md5('bench-user-' || g)::uuid, w.time_window, w.window_start, 1 + (g %% 40), 1 + (g %% 40),
+                   case when w.time_window in ('day', 'month') then 1 + (g %% 40) else 0 end,
+                   case when w.time_window in ('day', 'month') then 1 + (g %% 40) else 0 end
               from generate_series(1, %(users)s::int) g
-             cross join (values ('messages'), ('requests'), ('tokens'), ('cost_usd')) m(metric)
              cross join lateral (
                select 'hour' as time_window, s as window_start
                  from generate_series(date_trunc('hour', now()) - interval '47 hours', date_trunc('hour', now()), interval '1 hour') s
-                where m.metric in ('messages', 'requests')
                union all
                select 'day', s from generate_series(date_trunc('day', now()) - interval '29 days', date_trunc('day', now()), interval '1 day') s
                union all
                select 'week', s from generate_series(date_trunc('week', now()) - interval '4 weeks', date_trunc('week', now()), interval '1 week') s
-                where m.metric in ('messages', 'requests')
                union all
                select 'month', s from generate_series(date_trunc('month', now()) - interval '2 months', date_trunc('month', now()), interval '1 month') s
              ) w
             on conflict do nothing""", {"users": users})
-        timings["usage_counters"] = time.monotonic() - started
+        timings["usage_windows"] = time.monotonic() - started
 
         conn.execute("set session_replication_role = origin")
         started = time.monotonic()
-        conn.execute("vacuum (analyze) assistant_threads, assistant_messages, ai_usage_counters, user_ai_settings, auth.users")
+        conn.execute("vacuum (analyze) assistant_threads, assistant_messages, ai_usage_windows, user_ai_settings, auth.users")
         timings["vacuum_analyze"] = time.monotonic() - started
         counts = {
             "users": conn.execute("select count(*) from auth.users").fetchone()[0],
             "threads": conn.execute("select count(*) from assistant_threads").fetchone()[0],
             "messages": conn.execute("select count(*) from assistant_messages").fetchone()[0],
-            "usage_counters": conn.execute("select count(*) from ai_usage_counters").fetchone()[0],
+            "usage_windows": conn.execute("select count(*) from ai_usage_windows").fetchone()[0],
             "database_mb": round(conn.execute("select pg_database_size(current_database())").fetchone()[0] / 2**20),
             "assistant_messages_mb": round(conn.execute(
                 "select pg_total_relation_size('assistant_messages')").fetchone()[0] / 2**20),
