@@ -13,6 +13,7 @@ import pytest
 from tests import postgrest
 from tests.conftest import user_message as say
 from tests.postgrest import create_user, request
+from tests.test_usage import COUNTERS
 
 MODEL = "meta/meta-llama-3-8b-instruct"
 
@@ -276,9 +277,6 @@ def complete_batch(conn: psycopg.Connection, items: list[dict]) -> dict:
     return {r["run_id"]: r["reply_id"] for r in rows}
 
 
-USAGE = "select metric, time_window, used from ai_usage_counters where user_id = %s order by 1, 2"
-
-
 def test_complete_runs_writes_what_complete_run_writes_for_each_run(conn, owner, thread) -> None:
     other = create_user(conn, email="other@example.com")
     other_thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (other,)).fetchone()[0]
@@ -303,7 +301,7 @@ def test_complete_runs_writes_what_complete_run_writes_for_each_run(conn, owner,
                                     + [(cancelled["run_id"], "cancelled", Decimal("0.000005"))])
     assert conn.execute("select count(*) from assistant_follow_ups").fetchone()[0] == 2
     # Usage as two single completions would have counted it.
-    used = {(m, w): u for m, w, u in conn.execute(USAGE, (owner,)).fetchall()}
+    used = {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()}
     assert used[("tokens", "day")] == 30 and used[("cost_usd", "month")] == Decimal("0.00001")
     # Repeating the batch changes nothing and returns the same replies.
     assert complete_batch(conn, [batch_item(r, "again") for r in runs]) == replies

@@ -2,6 +2,9 @@
 -- window again (ai_usage_counters becomes a table again, with the counts of ai_usage_windows), and
 -- ai_usage_add and admit_request get their bodies of 20261122000200 back.
 begin;
+-- The view already has the counts in the table's form: keep them while the table is rebuilt.
+create temporary table usage_counts on commit drop as
+select user_id, metric, time_window, window_start, used, updated_at from public.ai_usage_counters;
 drop view public.ai_usage_counters;
 
 create table public.ai_usage_counters (
@@ -21,11 +24,7 @@ create table public.ai_usage_counters (
 create index idx_ai_usage_counters_window_start on public.ai_usage_counters (window_start);
 
 insert into public.ai_usage_counters (user_id, metric, time_window, window_start, used, updated_at)
-select w.user_id, m.metric, w.time_window, w.window_start, m.used, w.updated_at
-  from public.ai_usage_windows w
- cross join lateral (values ('messages', w.messages), ('vision_messages', w.vision_messages),
-                            ('requests', w.requests), ('tokens', w.tokens), ('cost_usd', w.cost_usd)) m (metric, used)
- where m.used > 0;
+select user_id, metric, time_window, window_start, used, updated_at from usage_counts;
 
 drop table public.ai_usage_windows;
 
