@@ -303,9 +303,44 @@ def test_complete_runs_writes_what_complete_run_writes_for_each_run(conn, owner,
     # Usage as two single completions would have counted it.
     used = {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()}
     assert used[("tokens", "day")] == 30 and used[("cost_usd", "month")] == Decimal("0.00001")
-    # Repeating the batch changes nothing and returns the same replies.
+    # Repeating the batch changes nothing (usage included) and returns the same replies.
     assert complete_batch(conn, [batch_item(r, "again") for r in runs]) == replies
     assert conn.execute("select count(*) from assistant_messages where role = 'assistant'").fetchone()[0] == 2
+    assert {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()} == used
+
+
+def test_complete_runs_completes_a_run_named_twice_once(conn, owner, thread) -> None:
+    say(conn, owner, thread, "one")
+    [run] = claim(conn)
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    rows = cur.execute("select * from complete_runs(%s)",
+                       (psycopg.types.json.Jsonb([batch_item(run, "first"), batch_item(run, "second")]),)).fetchall()
+    assert [r["run_id"] for r in rows] == [run["run_id"], run["run_id"]]  # a row per element, in order
+    assert rows[0]["reply_id"] == rows[1]["reply_id"] is not None
+    assert conn.execute("select content from assistant_messages where role = 'assistant'").fetchall() == [("first",)]
+    assert conn.execute("select count(*) from assistant_inference_events").fetchone()[0] == 1
+    assert conn.execute("select count(*) from assistant_follow_ups").fetchone()[0] == 1
+    used = {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()}
+    assert used[("tokens", "hour")] == 15 and used[("cost_usd", "hour")] == Decimal("0.000005")
+
+
+def test_complete_runs_writes_registered_actions_and_cuts_long_replies(conn, owner, thread) -> None:
+    say(conn, owner, thread, "one")
+    say(conn, owner, thread, "two")
+    long_one, short_one = claim(conn)
+    action_type = conn.execute("insert into assistant_action_types (name) values ('remind_me') returning name").fetchone()[0]
+    replies = complete_batch(conn, [
+        batch_item(long_one, "x" * 8005, follow_ups=["a", " ", "b", "c", "d"]),
+        batch_item(short_one, "fine", actions=[{"type": action_type, "payload": {"k": 1}}, {"type": "unregistered"},
+                                               {"type": action_type, "payload": "not an object"}]),
+    ])
+    content, metadata = conn.execute("select content, metadata_json from assistant_messages where id = %s",
+                                     (replies[long_one["run_id"]],)).fetchone()
+    assert len(content) == 8000 and metadata == {"route": "chat", "truncated": True, "original_length": 8005}
+    assert conn.execute("select position, suggestion from assistant_follow_ups where message_id = %s order by 1",
+                        (replies[long_one["run_id"]],)).fetchall() == [(1, "a"), (3, "b")]
+    assert conn.execute("select message_id, action_type, payload, status from assistant_action_requests").fetchall() == [
+        (replies[short_one["run_id"]], action_type, {"k": 1}, "pending")]
 
 
 def test_complete_runs_fails_as_a_whole_and_changes_nothing(conn, owner, thread) -> None:

@@ -1,0 +1,241 @@
+-- Less database work per reply, same results.
+--
+-- complete_runs writes a batch of replies with one statement per table (replies, events,
+-- follow-ups, actions, runs) instead of a complete_run call per reply, each with its own
+-- statements: PostgreSQL starts each statement, checks each table's constraints and plans each
+-- foreign key check once per statement, so a batch of 16 replies cost 16 times that. complete_run
+-- is now complete_runs with one run, so both write exactly the same.
+--
+-- ai_usage_add checks its input with expressions instead of queries and writes the window starts
+-- inline (the expression of ai_window_start): each call of a function with its own search_path
+-- costs a settings switch, and this runs twice per reply.
+
+-------------------------------------------------------------------------------------------------
+-- ai_usage_add: as in 20261122000700 (same checks, errors and effect).
+-------------------------------------------------------------------------------------------------
+create or replace function public.ai_usage_add(p_user_id uuid, p_deltas jsonb) returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  messages numeric;
+  vision_messages numeric;
+  requests numeric;
+  tokens numeric;
+  cost_usd numeric;
+begin
+  if jsonb_typeof(p_deltas) is distinct from 'object' then
+    raise exception 'usage deltas must be a JSON object (got %)', p_deltas using errcode = '22023';
+  end if;
+  if p_deltas - array['messages', 'vision_messages', 'requests', 'tokens', 'cost_usd'] <> '{}'::jsonb then
+    raise exception 'unknown usage metric in % (known: messages, vision_messages, requests, tokens, cost_usd)',
+      p_deltas using errcode = '22023';
+  end if;
+  messages := greatest(coalesce((p_deltas ->> 'messages')::numeric, 0), 0);
+  vision_messages := greatest(coalesce((p_deltas ->> 'vision_messages')::numeric, 0), 0);
+  requests := greatest(coalesce((p_deltas ->> 'requests')::numeric, 0), 0);
+  tokens := greatest(coalesce((p_deltas ->> 'tokens')::numeric, 0), 0);
+  cost_usd := greatest(coalesce((p_deltas ->> 'cost_usd')::numeric, 0), 0);
+  if messages = 0 and vision_messages = 0 and requests = 0 and tokens = 0 and cost_usd = 0 then
+    return;
+  end if;
+  -- In window order (hour, day, week, month): the order admit_request locks them in.
+  insert into public.ai_usage_windows as c (user_id, time_window, window_start, messages, vision_messages,
+                                            requests, tokens, cost_usd)
+  select p_user_id, w.w, date_trunc(w.w, now() at time zone 'UTC') at time zone 'UTC',
+         messages, vision_messages, requests, tokens, cost_usd
+    from unnest(array['hour', 'day', 'week', 'month']) with ordinality w (w, n)
+   order by w.n
+  on conflict (user_id, time_window, window_start)
+  do update set messages = c.messages + excluded.messages,
+                vision_messages = c.vision_messages + excluded.vision_messages,
+                requests = c.requests + excluded.requests,
+                tokens = c.tokens + excluded.tokens,
+                cost_usd = c.cost_usd + excluded.cost_usd,
+                updated_at = now();
+end
+$$;
+
+-------------------------------------------------------------------------------------------------
+-- complete_runs: as in 20261122000600 (same arguments, results and errors; one transaction; any
+-- error changes nothing; a row per element of p_runs), written set-based. For each run of p_runs
+-- (a run named twice is completed once, with its first element):
+-- - a run that already ended is left alone; its reply id (if any) is returned;
+-- - a run its user cancelled meanwhile ends cancelled (finish_cancelled: no reply, what the
+--   prediction consumed is recorded and counted); its reply id is null;
+-- - any other run gets its reply (content over 8000 characters cut, metadata.truncated = true),
+--   its inference event, up to three follow-ups, the actions of registered types (pending), its
+--   tokens and cost counted, and ends completed.
+-- Runs and usage rows are locked in user order, as claims lock them.
+-------------------------------------------------------------------------------------------------
+create or replace function public.complete_runs(p_runs jsonb)
+returns table (run_id uuid, reply_id uuid)
+language plpgsql
+set search_path = ''
+as $$
+#variable_conflict use_column
+declare
+  missing uuid;
+  usage jsonb;
+  c record;
+begin
+  if jsonb_typeof(p_runs) is distinct from 'array' or jsonb_array_length(p_runs) not between 1 and 200 then
+    raise exception 'p_runs must be an array of 1 to 200 runs' using errcode = '22023';
+  end if;
+  if exists (select 1 from jsonb_array_elements(p_runs) e where jsonb_typeof(e.value) <> 'object'
+                                                             or e.value ->> 'run_id' is null) then
+    raise exception 'every element of p_runs must be an object with a run_id' using errcode = '22023';
+  end if;
+
+  perform 1 from public.assistant_runs r
+   where r.id in (select (e.value ->> 'run_id')::uuid from jsonb_array_elements(p_runs) e)
+   order by r.user_id, r.id
+     for update;
+  select (e.value ->> 'run_id')::uuid into missing
+    from jsonb_array_elements(p_runs) e
+   where not exists (select 1 from public.assistant_runs r where r.id = (e.value ->> 'run_id')::uuid)
+   limit 1;
+  if missing is not null then
+    raise exception 'run % not found', missing using errcode = 'P0002';
+  end if;
+  if exists (select 1 from jsonb_array_elements(p_runs) e
+               join public.assistant_runs r on r.id = (e.value ->> 'run_id')::uuid
+              where r.status in ('queued', 'in_progress') and r.cancel_requested_at is null
+                and char_length(btrim(coalesce(e.value ->> 'content', ''))) = 0) then
+    raise exception 'a reply cannot be empty' using errcode = '22023';
+  end if;
+
+  -- Cancelled while the answer was on its way: no reply, but what was consumed counts.
+  for c in
+    select distinct on (r.id) r.id, e.value
+      from jsonb_array_elements(p_runs) with ordinality e
+      join public.assistant_runs r on r.id = (e.value ->> 'run_id')::uuid
+     where r.status in ('queued', 'in_progress') and r.cancel_requested_at is not null
+     order by r.id, e.ordinality
+  loop
+    perform public.finish_cancelled(c.id, jsonb_build_object(
+      'attempt', c.value -> 'attempt', 'model', c.value -> 'model',
+      'provider', coalesce(c.value -> 'provider', '"replicate"'), 'prediction_id', c.value -> 'prediction_id',
+      'input_tokens', c.value -> 'input_tokens', 'output_tokens', c.value -> 'output_tokens',
+      'cost_usd', c.value -> 'cost_usd', 'latency_ms', c.value -> 'latency_ms'));
+  end loop;
+
+  -- Every other run still open gets its reply, event, follow-ups and actions, in one statement.
+  with input as (
+    select distinct on (x.run_id) x.*, coalesce(x.content, '') as body
+      from jsonb_array_elements(p_runs) with ordinality e,
+           jsonb_to_record(e.value) as x (run_id uuid, attempt integer, content text, model text, provider text,
+                                          prediction_id text, input_tokens integer, output_tokens integer,
+                                          cost_usd numeric, latency_ms integer, metadata jsonb, follow_ups jsonb,
+                                          actions jsonb, time_to_first_token_ms integer)
+     order by x.run_id, e.ordinality
+  ), todo as (
+    select r.id, r.message_id, r.thread_id, r.user_id, i.attempt, i.model, coalesce(i.provider, 'replicate') as provider,
+           i.prediction_id, i.input_tokens, i.output_tokens, i.cost_usd, i.latency_ms, i.time_to_first_token_ms,
+           left(i.body, 8000) as body,
+           coalesce(i.metadata, '{}'::jsonb)
+             || case when char_length(i.body) > 8000
+                     then jsonb_build_object('truncated', true, 'original_length', char_length(i.body))
+                     else '{}'::jsonb end as metadata,
+           case when jsonb_typeof(i.follow_ups) = 'array' then i.follow_ups else '[]'::jsonb end as follow_ups,
+           case when jsonb_typeof(i.actions) = 'array' then i.actions else '[]'::jsonb end as actions
+      from input i
+      join public.assistant_runs r on r.id = i.run_id
+     where r.status in ('queued', 'in_progress')
+  ), inserted as (
+    insert into public.assistant_messages
+      (thread_id, user_id, role, content, reply_to, model, token_count, latency_ms, metadata_json)
+    select t.thread_id, t.user_id, 'assistant', t.body, t.message_id, t.model, t.output_tokens, t.latency_ms, t.metadata
+      from todo t
+     order by t.user_id, t.id
+    on conflict (reply_to) do nothing
+    returning id, reply_to
+  ), replies as (
+    select t.*, coalesce(n.id, (select m.id from public.assistant_messages m where m.reply_to = t.message_id)) as reply_id
+      from todo t
+      left join inserted n on n.reply_to = t.message_id
+  ), events as (
+    insert into public.assistant_inference_events
+      (user_id, thread_id, message_id, run_id, attempt, provider, model, prediction_id, status,
+       latency_ms, input_tokens, output_tokens, cost_estimate_usd, time_to_first_token_ms)
+    select t.user_id, t.thread_id, t.message_id, t.id, t.attempt, t.provider, t.model, t.prediction_id, 'succeeded',
+           t.latency_ms, t.input_tokens, t.output_tokens, t.cost_usd, t.time_to_first_token_ms
+      from todo t
+    on conflict (run_id, attempt) where run_id is not null do nothing
+  ), follow_ups as (
+    insert into public.assistant_follow_ups (user_id, thread_id, message_id, position, suggestion)
+    select t.user_id, t.thread_id, t.reply_id, f.ordinality, left(btrim(f.value), 300)
+      from replies t
+     cross join lateral jsonb_array_elements_text(t.follow_ups) with ordinality f
+     where f.ordinality <= 3 and btrim(f.value) <> ''
+    on conflict (message_id, position) do nothing
+  ), actions as (
+    insert into public.assistant_action_requests (user_id, thread_id, message_id, action_type, payload)
+    select t.user_id, t.thread_id, t.reply_id, a.value ->> 'type', coalesce(a.value -> 'payload', '{}'::jsonb)
+      from replies t
+     cross join lateral jsonb_array_elements(t.actions) a
+     where exists (select 1 from public.assistant_action_types k where k.name = a.value ->> 'type')
+       and jsonb_typeof(coalesce(a.value -> 'payload', '{}'::jsonb)) = 'object'
+  ), done as (
+    update public.assistant_runs r
+       set status = 'completed', lease_owner = null, lease_expires_at = null, finished_at = now()
+      from todo t
+     where r.id = t.id
+    returning r.id
+  )
+  -- What each user's completed runs consumed, in user order.
+  select jsonb_agg(jsonb_build_object('user_id', u.user_id,
+                                      'deltas', jsonb_build_object('tokens', u.tokens, 'cost_usd', u.cost_usd))
+                   order by u.user_id)
+    into usage
+    from (select t.user_id, sum(greatest(coalesce(t.input_tokens, 0) + coalesce(t.output_tokens, 0), 0)) as tokens,
+                 sum(greatest(coalesce(t.cost_usd, 0), 0)) as cost_usd
+            from done d join todo t on t.id = d.id
+           group by t.user_id) u;
+
+  -- Tokens and cost count against the user's limits once: these runs were open until now.
+  for c in select (u.value ->> 'user_id')::uuid as user_id, u.value -> 'deltas' as deltas
+             from jsonb_array_elements(coalesce(usage, '[]')) with ordinality u
+            order by u.ordinality
+  loop
+    perform public.ai_usage_add(c.user_id, c.deltas);
+  end loop;
+
+  return query
+  select r.id, (select m.id from public.assistant_messages m where m.reply_to = r.message_id)
+    from jsonb_array_elements(p_runs) with ordinality e
+    join public.assistant_runs r on r.id = (e.value ->> 'run_id')::uuid
+   order by e.ordinality;
+end
+$$;
+
+-------------------------------------------------------------------------------------------------
+-- complete_run: complete_runs with one run (same arguments, result and errors as in
+-- 20261122000400).
+-------------------------------------------------------------------------------------------------
+create or replace function public.complete_run(
+  p_run_id uuid,
+  p_attempt integer,
+  p_content text,
+  p_model text,
+  p_provider text default 'replicate',
+  p_prediction_id text default null,
+  p_input_tokens integer default null,
+  p_output_tokens integer default null,
+  p_cost_usd numeric default null,
+  p_latency_ms integer default null,
+  p_metadata jsonb default '{}'::jsonb,
+  p_follow_ups jsonb default '[]'::jsonb,
+  p_actions jsonb default '[]'::jsonb,
+  p_time_to_first_token_ms integer default null
+) returns uuid
+language sql
+set search_path = ''
+as $$
+  select c.reply_id
+    from public.complete_runs(jsonb_build_array(jsonb_build_object(
+      'run_id', p_run_id, 'attempt', p_attempt, 'content', p_content, 'model', p_model, 'provider', p_provider,
+      'prediction_id', p_prediction_id, 'input_tokens', p_input_tokens, 'output_tokens', p_output_tokens,
+      'cost_usd', p_cost_usd, 'latency_ms', p_latency_ms, 'metadata', p_metadata, 'follow_ups', p_follow_ups,
+      'actions', p_actions, 'time_to_first_token_ms', p_time_to_first_token_ms))) c
+$$;
