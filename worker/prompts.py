@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from worker.config import ModelProfile, Price, Settings
 
@@ -16,8 +16,7 @@ FOLLOW_UPS_MARKER = "<<follow-ups>>"
 ACTION_MARKER = "<<action>>"
 
 
-@dataclass(frozen=True)
-class Turn:
+class Turn(NamedTuple):  # a tuple: built for every message of every claimed run's history
     role: str
     content: str
 

@@ -168,6 +168,16 @@ class ReplicateClient:
         per_minute = settings.replicate_max_creates_per_minute
         # A leaky bucket of 1/60 of the minute's allowance, so a burst is spread over the minute.
         self.create_limiter = AsyncLimiter(max(1, per_minute // 60), 1) if per_minute else None
+        self._urls: dict[str, httpx.URL] = {}
+
+    def _url(self, path: str) -> httpx.URL:
+        """The parsed URL of a create endpoint: parsed once, not on every request."""
+        url = self._urls.get(path)
+        if url is None:
+            if len(self._urls) >= 256:  # assistants may name any model: keep the cache bounded
+                self._urls.clear()
+            url = self._urls[path] = httpx.URL(self.base_url + path)
+        return url
 
     def _headers(self, token: str | None) -> dict[str, str]:
         token = token or (self.settings.replicate_api_token.get_secret_value()
@@ -176,7 +186,7 @@ class ReplicateClient:
             raise ProviderError("unauthorized", "no Replicate API token configured", retryable=False)
         return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
-    async def _request(self, method: str, url: str, headers: dict[str, str], **kwargs: Any) -> dict[str, Any]:
+    async def _request(self, method: str, url: str | httpx.URL, headers: dict[str, str], **kwargs: Any) -> dict[str, Any]:
         try:
             response = await self.http.request(method, url, headers=headers, **kwargs)
         except httpx.TimeoutException as exc:
@@ -203,9 +213,9 @@ class ReplicateClient:
         if wait:
             headers["Prefer"] = f"wait={self.settings.replicate_prefer_wait_seconds}"
         if model.version:
-            url, body = f"{self.base_url}/v1/predictions", {"version": model.version, "input": model_input}
+            url, body = self._url("/v1/predictions"), {"version": model.version, "input": model_input}
         else:
-            url, body = f"{self.base_url}/v1/models/{model.slug}/predictions", {"input": model_input}
+            url, body = self._url(f"/v1/models/{model.slug}/predictions"), {"input": model_input}
         timeout = httpx.Timeout(self.settings.replicate_timeout_seconds,
                                 read=self.settings.replicate_prefer_wait_seconds + self.settings.replicate_timeout_seconds)
         max_wait = self.settings.replicate_max_retry_after_seconds
