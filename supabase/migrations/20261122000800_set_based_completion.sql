@@ -75,6 +75,9 @@ set search_path = ''
 as $$
 #variable_conflict use_column
 declare
+  invalid boolean;
+  ids uuid[];
+  empty bigint[];  -- elements (by position) whose reply would be empty
   missing uuid;
   usage jsonb;
   c record;
@@ -82,36 +85,40 @@ begin
   if jsonb_typeof(p_runs) is distinct from 'array' or jsonb_array_length(p_runs) not between 1 and 200 then
     raise exception 'p_runs must be an array of 1 to 200 runs' using errcode = '22023';
   end if;
-  if exists (select 1 from jsonb_array_elements(p_runs) e where jsonb_typeof(e.value) <> 'object'
-                                                             or e.value ->> 'run_id' is null) then
+  -- One pass over the elements: their runs (in order) and those whose reply would be empty.
+  select bool_or(jsonb_typeof(e.value) <> 'object' or e.value ->> 'run_id' is null),
+         array_agg((e.value ->> 'run_id')::uuid order by e.ordinality),
+         coalesce(array_agg(e.ordinality)
+                    filter (where char_length(btrim(coalesce(e.value ->> 'content', ''))) = 0), '{}')
+    into invalid, ids, empty
+    from jsonb_array_elements(p_runs) with ordinality e;
+  if invalid then
     raise exception 'every element of p_runs must be an object with a run_id' using errcode = '22023';
   end if;
 
-  perform 1 from public.assistant_runs r
-   where r.id in (select (e.value ->> 'run_id')::uuid from jsonb_array_elements(p_runs) e)
-   order by r.user_id, r.id
-     for update;
-  select (e.value ->> 'run_id')::uuid into missing
-    from jsonb_array_elements(p_runs) e
-   where not exists (select 1 from public.assistant_runs r where r.id = (e.value ->> 'run_id')::uuid)
+  perform 1 from public.assistant_runs r where r.id = any(ids) order by r.user_id, r.id for update;
+  select x.id into missing
+    from unnest(ids) with ordinality x (id, n)
+   where not exists (select 1 from public.assistant_runs r where r.id = x.id)
+   order by x.n
    limit 1;
   if missing is not null then
     raise exception 'run % not found', missing using errcode = 'P0002';
   end if;
-  if exists (select 1 from jsonb_array_elements(p_runs) e
-               join public.assistant_runs r on r.id = (e.value ->> 'run_id')::uuid
-              where r.status in ('queued', 'in_progress') and r.cancel_requested_at is null
-                and char_length(btrim(coalesce(e.value ->> 'content', ''))) = 0) then
+  if exists (select 1
+               from (select distinct on (x.id) x.id, x.n from unnest(ids) with ordinality x (id, n) order by x.id, x.n) f
+               join public.assistant_runs r on r.id = f.id
+              where f.n = any(empty) and r.status in ('queued', 'in_progress') and r.cancel_requested_at is null) then
     raise exception 'a reply cannot be empty' using errcode = '22023';
   end if;
 
   -- Cancelled while the answer was on its way: no reply, but what was consumed counts.
   for c in
-    select distinct on (r.id) r.id, e.value
-      from jsonb_array_elements(p_runs) with ordinality e
-      join public.assistant_runs r on r.id = (e.value ->> 'run_id')::uuid
+    select distinct on (r.id) r.id, p_runs -> (x.n - 1)::integer as value
+      from unnest(ids) with ordinality x (id, n)
+      join public.assistant_runs r on r.id = x.id
      where r.status in ('queued', 'in_progress') and r.cancel_requested_at is not null
-     order by r.id, e.ordinality
+     order by r.id, x.n
   loop
     perform public.finish_cancelled(c.id, jsonb_build_object(
       'attempt', c.value -> 'attempt', 'model', c.value -> 'model',
@@ -203,9 +210,9 @@ begin
 
   return query
   select r.id, (select m.id from public.assistant_messages m where m.reply_to = r.message_id)
-    from jsonb_array_elements(p_runs) with ordinality e
-    join public.assistant_runs r on r.id = (e.value ->> 'run_id')::uuid
-   order by e.ordinality;
+    from unnest(ids) with ordinality x (id, n)
+    join public.assistant_runs r on r.id = x.id
+   order by x.n;
 end
 $$;
 
