@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -207,15 +209,27 @@ async def test_the_batcher_sends_what_queued_meanwhile_together_in_order_and_rep
 
 async def test_many_replies_streaming_at_once_share_notify_statements(db_url, simulator, monkeypatch) -> None:
     """Eight replies streaming together: every delta arrives, in order per reply, in fewer
-    statements than deltas."""
+    statements than deltas. The first statement is held until two more deltas are waiting, so
+    that the batching is seen however the replies happen to interleave."""
     batches: list[int] = []
-    original = NotifyPublisher._send
+    submitted = 0
+    original_send, original_publish = NotifyPublisher._send, NotifyPublisher.publish
 
-    async def counted(self: NotifyPublisher, payloads: list[str]) -> None:
+    async def counted_publish(self: NotifyPublisher, thread_id: uuid.UUID, payload: dict) -> None:
+        nonlocal submitted
+        submitted += 1
+        await original_publish(self, thread_id, payload)
+
+    async def counted_send(self: NotifyPublisher, payloads: list[str]) -> None:
+        if not batches:
+            deadline = time.monotonic() + 10
+            while submitted < len(payloads) + 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
         batches.append(len(payloads))
-        await original(self, payloads)
+        await original_send(self, payloads)
 
-    monkeypatch.setattr(NotifyPublisher, "_send", counted)
+    monkeypatch.setattr(NotifyPublisher, "publish", counted_publish)
+    monkeypatch.setattr(NotifyPublisher, "_send", counted_send)
     simulator.latency = 0.4
     pairs = [await new_user_thread(db_url) for _ in range(8)]
     async with listening(db_url) as received, streaming_worker(simulator, db_url, stream_publish_interval_ms=20):
