@@ -78,8 +78,9 @@ as $$
 #variable_conflict use_column
 declare
   invalid boolean;
-  ids uuid[];
-  empty bigint[];  -- elements (by position) whose reply would be empty
+  ids uuid[];         -- the run of each element, in order
+  firsts bigint[];    -- the positions of the elements that count: each run's first
+  empty_ids uuid[];   -- runs whose counting element has an empty reply
   missing uuid;
   usage jsonb;
   c record;
@@ -87,13 +88,17 @@ begin
   if jsonb_typeof(p_runs) is distinct from 'array' or jsonb_array_length(p_runs) not between 1 and 200 then
     raise exception 'p_runs must be an array of 1 to 200 runs' using errcode = '22023';
   end if;
-  -- One pass over the elements: their runs (in order) and those whose reply would be empty.
-  select bool_or(jsonb_typeof(e.value) <> 'object' or e.value ->> 'run_id' is null),
-         array_agg((e.value ->> 'run_id')::uuid order by e.ordinality),
-         coalesce(array_agg(e.ordinality)
-                    filter (where char_length(btrim(coalesce(e.value ->> 'content', ''))) = 0), '{}')
-    into invalid, ids, empty
-    from jsonb_array_elements(p_runs) with ordinality e;
+  -- One pass over the elements: their runs, which element counts for each run (its first), and
+  -- the runs whose counting element has an empty reply.
+  select bool_or(f.bad), array_agg(f.run_id order by f.n),
+         coalesce(array_agg(f.n) filter (where f.first), '{}'),
+         coalesce(array_agg(f.run_id) filter (where f.first and f.empty), '{}')
+    into invalid, ids, firsts, empty_ids
+    from (select e.ordinality as n, (e.value ->> 'run_id')::uuid as run_id,
+                 jsonb_typeof(e.value) <> 'object' or e.value ->> 'run_id' is null as bad,
+                 char_length(btrim(coalesce(e.value ->> 'content', ''))) = 0 as empty,
+                 row_number() over (partition by (e.value ->> 'run_id')::uuid order by e.ordinality) = 1 as first
+            from jsonb_array_elements(p_runs) with ordinality e) f;
   if invalid then
     raise exception 'every element of p_runs must be an object with a run_id' using errcode = '22023';
   end if;
@@ -107,20 +112,18 @@ begin
   if missing is not null then
     raise exception 'run % not found', missing using errcode = 'P0002';
   end if;
-  if exists (select 1
-               from (select distinct on (x.id) x.id, x.n from unnest(ids) with ordinality x (id, n) order by x.id, x.n) f
-               join public.assistant_runs r on r.id = f.id
-              where f.n = any(empty) and r.status in ('queued', 'in_progress') and r.cancel_requested_at is null) then
+  if exists (select 1 from public.assistant_runs r
+              where r.id = any(empty_ids) and r.status in ('queued', 'in_progress') and r.cancel_requested_at is null) then
     raise exception 'a reply cannot be empty' using errcode = '22023';
   end if;
 
   -- Cancelled while the answer was on its way: no reply, but what was consumed counts.
   for c in
-    select distinct on (r.id) r.id, p_runs -> (x.n - 1)::integer as value
-      from unnest(ids) with ordinality x (id, n)
-      join public.assistant_runs r on r.id = x.id
+    select r.id, p_runs -> (x.n - 1)::integer as value
+      from unnest(firsts) x (n)
+      join public.assistant_runs r on r.id = ids[x.n]
      where r.status in ('queued', 'in_progress') and r.cancel_requested_at is not null
-     order by r.id, x.n
+     order by r.id
   loop
     perform public.finish_cancelled(c.id, jsonb_build_object(
       'attempt', c.value -> 'attempt', 'model', c.value -> 'model',
@@ -131,13 +134,12 @@ begin
 
   -- Every other run still open gets its reply, event, follow-ups and actions, in one statement.
   with input as (
-    select distinct on (x.run_id) x.*, coalesce(x.content, '') as body
-      from jsonb_array_elements(p_runs) with ordinality e,
-           jsonb_to_record(e.value) as x (run_id uuid, attempt integer, content text, model text, provider text,
-                                          prediction_id text, input_tokens integer, output_tokens integer,
-                                          cost_usd numeric, latency_ms integer, metadata jsonb, follow_ups jsonb,
-                                          actions jsonb, time_to_first_token_ms integer)
-     order by x.run_id, e.ordinality
+    select x.*, coalesce(x.content, '') as body
+      from unnest(firsts) f (n),
+           jsonb_to_record(p_runs -> (f.n - 1)::integer)
+             as x (run_id uuid, attempt integer, content text, model text, provider text, prediction_id text,
+                   input_tokens integer, output_tokens integer, cost_usd numeric, latency_ms integer,
+                   metadata jsonb, follow_ups jsonb, actions jsonb, time_to_first_token_ms integer)
   ), todo as (
     select r.id, r.message_id, r.thread_id, r.user_id, i.attempt, i.model, coalesce(i.provider, 'replicate') as provider,
            i.prediction_id, i.input_tokens, i.output_tokens, i.cost_usd, i.latency_ms, i.time_to_first_token_ms,
