@@ -8,9 +8,7 @@
 -- cost less than the batch's (measured: about 20% more database CPU per reply through
 -- complete_runs). Both write the same; tests/test_run_functions.py checks that they do.
 --
--- ai_usage_add checks its input with expressions instead of queries and writes the window starts
--- inline (the expression of ai_window_start): each call of a function with its own search_path
--- costs a settings switch, and this runs twice per reply.
+-- ai_usage_add checks its input with expressions instead of queries (it runs twice per reply).
 
 -------------------------------------------------------------------------------------------------
 -- ai_usage_add: as in 20261122000700 (same checks, errors and effect).
@@ -44,8 +42,7 @@ begin
   -- In window order (hour, day, week, month): the order admit_request locks them in.
   insert into public.ai_usage_windows as c (user_id, time_window, window_start, messages, vision_messages,
                                             requests, tokens, cost_usd)
-  select p_user_id, w.w, date_trunc(w.w, now() at time zone 'UTC') at time zone 'UTC',
-         messages, vision_messages, requests, tokens, cost_usd
+  select p_user_id, w.w, public.ai_window_start(w.w), messages, vision_messages, requests, tokens, cost_usd
     from unnest(array['hour', 'day', 'week', 'month']) with ordinality w (w, n)
    order by w.n
   on conflict (user_id, time_window, window_start)
