@@ -105,6 +105,9 @@ async def test_dropped_and_refused_realtime_reconnects_and_answers_what_arrived_
         message = await say(db_url, user, thread, "sent while Realtime was down")
         assert supabase.delivered == 0  # nobody was subscribed to hear it
         [run] = await finished_runs(db_url, 1, timeout=30)
+        # The sweep may answer before the refusal ends; the reconnection is awaited on its own.
+        await wait_until(lambda: asyncio.sleep(0, len(supabase.joins) >= 2 and wakeups.live), 30,
+                         "the subscription to be rebuilt")
     finally:
         await stop_worker(worker, task, http)
     assert run["status"] == "completed" and run["message_id"] == message
