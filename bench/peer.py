@@ -15,11 +15,11 @@ import time
 import uuid
 from typing import Any
 
-import httpx
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from bench.cluster import UNLIMITED_PLAN, BenchCluster
+from worker.app import replicate_http
 from worker.attachments import ImageResolver
 from worker.config import Settings
 from worker.pipeline import Worker
@@ -95,9 +95,8 @@ async def ours(url: str, jobs: int, concurrency: int, connections: int) -> dict[
                         replicate_base_url="http://127.0.0.1:9", worker_concurrency=concurrency,
                         usage_report_refresh_seconds=0, log_level="WARNING", worker_id="bench-peer-ours")
     store = await PostgresStore.connect(url, max_size=min(POOL_MAX, concurrency + 2))
-    async with httpx.AsyncClient() as http:
-        worker = Worker(settings, store, NoopProvider(http, settings), NoWakeups(),
-                        images=ImageResolver(settings, store, http))
+    async with replicate_http(settings) as http:
+        worker = Worker(settings, store, NoopProvider(http, settings), NoWakeups(), images=ImageResolver(settings, store))
         started = time.monotonic()
         task = asyncio.create_task(worker.run())
         deadline = started + 300

@@ -8,12 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 
 from tests.conftest import PROJECT_DIR
 from tests.pipeline_helpers import finished_runs, new_user_thread, query, running_worker, say, worker_settings
+from worker.app import replicate_http
 from worker.knowledge import Embedder, chunk_text, ingest, retrieve
 from worker.provider import ReplicateClient
 from worker.simulator import ReplicateSimulator
@@ -42,7 +42,7 @@ async def ingest_corpus(db_url: str, simulator: ReplicateSimulator, paths: list[
     settings = worker_settings(simulator.base_url)
     store = await PostgresStore.connect(db_url)
     try:
-        async with httpx.AsyncClient() as http:
+        async with replicate_http(settings) as http:
             embedder = Embedder(ReplicateClient(http, settings), settings)
             return await ingest(store, embedder, settings, paths, assistant_id, progress=False)
     finally:
@@ -53,7 +53,7 @@ async def ask(db_url: str, simulator: ReplicateSimulator, question: str, assista
     settings = worker_settings(simulator.base_url)
     store = await PostgresStore.connect(db_url)
     try:
-        async with httpx.AsyncClient() as http:
+        async with replicate_http(settings) as http:
             embedder = Embedder(ReplicateClient(http, settings), settings)
             return await retrieve(store, embedder, settings, question, assistant_id=assistant_id,
                                   user_id=None, run_id=None)

@@ -1,60 +1,74 @@
-"""The Replicate client at the HTTP level (respx): the exact requests, every error class, retries
-and their limits, output shapes."""
+"""The Replicate client at the HTTP level, through its real aiohttp session against a loopback
+stub (tests/replicate_stub.py): the exact requests, every error class, retries and their limits,
+output shapes, the event stream."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
-import httpx
 import pytest
-import respx
+from multidict import CIMultiDict
 
+from tests.replicate_stub import DROP, HANG, ReplicateStub, Reply
+from worker.app import replicate_http
 from worker.config import DEFAULT_CHAT_MODEL, DEFAULT_VISION_MODEL, Settings
 from worker.prompts import build_request
-from worker.provider import ProviderError, ReplicateClient, estimate_cost
+from worker.provider import ProviderError, ReplicateClient, estimate_cost, parse_retry_after, server_sent_events
 
-BASE = "https://api.replicate.test"
-CHAT_URL = f"{BASE}/v1/models/meta/meta-llama-3-8b-instruct/predictions"
+CHAT_PATH = "/v1/models/meta/meta-llama-3-8b-instruct/predictions"
 
 
-def settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {"replicate_api_token": "r8_test", "replicate_base_url": BASE,
+@pytest.fixture
+async def stub() -> AsyncIterator[ReplicateStub]:
+    async with ReplicateStub() as server:
+        yield server
+
+
+def settings(stub: ReplicateStub, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"replicate_api_token": "r8_test", "replicate_base_url": stub.base_url,
                               "replicate_max_retry_after_seconds": 2, "replicate_max_http_retries": 3}
     values.update(overrides)
     return Settings(**values)
 
 
-def prediction(status: str = "succeeded", output: Any = None, **extra: Any) -> dict[str, Any]:
+def prediction(status: str = "succeeded", output: Any = None, base: str = "https://api.replicate.com",
+               **extra: Any) -> dict[str, Any]:
     body = {"id": "p1", "model": "meta/meta-llama-3-8b-instruct", "version": "dp-1", "input": {}, "logs": "",
             "output": ["Navy", " goes", " with", " camel."] if output is None else output,
             "data_removed": False, "error": None, "status": status, "created_at": "2026-11-22T10:00:00.000Z",
-            "urls": {"get": f"{BASE}/v1/predictions/p1", "cancel": f"{BASE}/v1/predictions/p1/cancel",
-                     "stream": f"{BASE}/v1/streams/p1"}}
+            "urls": {"get": f"{base}/v1/predictions/p1", "cancel": f"{base}/v1/predictions/p1/cancel",
+                     "stream": f"{base}/v1/streams/p1"}}
     if status == "succeeded":
         body["metrics"] = {"predict_time": 0.8, "input_token_count": 40, "output_token_count": 4}
     body.update(extra)
     return body
 
 
-async def predict(s: Settings, model=DEFAULT_CHAT_MODEL, model_input: dict | None = None):
-    async with httpx.AsyncClient() as http:
-        return await ReplicateClient(http, s).predict(model, model_input or {"prompt": "hi"})
+async def predict(s: Settings, model=DEFAULT_CHAT_MODEL, model_input: dict | None = None, *, on_text=None,
+                  slept: list[float] | None = None):
+    async with replicate_http(s) as http:
+        client = ReplicateClient(http, s)
+        if slept is not None:  # record the waits instead of waiting
+            async def sleep(seconds: float) -> None:
+                slept.append(seconds)
+            client.sleep = sleep
+        return await client.predict(model, model_input or {"prompt": "hi"}, on_text=on_text)
 
 
-@respx.mock
-async def test_chat_request_is_exactly_what_replicate_documents() -> None:
-    route = respx.post(CHAT_URL).mock(return_value=httpx.Response(201, json=prediction()))
-    s = settings()
+async def test_chat_request_is_exactly_what_replicate_documents(stub: ReplicateStub) -> None:
+    route = stub.post(CHAT_PATH).respond(201, json=prediction())
+    s = settings(stub)
     request = build_request(s, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
                             "What goes with navy?", None)
     result = await predict(s, request.model, request.input)
-    sent = route.calls.last.request
+    sent = route.calls[-1]
     assert sent.headers["Authorization"] == "Bearer r8_test"
     assert sent.headers["Prefer"] == "wait=60"
-    body = httpx.Response(200, content=sent.content).json()
-    assert body == {"input": {
+    assert sent.headers["Content-Type"] == "application/json"
+    assert sent.json() == {"input": {
         "prompt": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful, concise assistant.<|eot_id|>"
                   "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
                   "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
@@ -65,36 +79,30 @@ async def test_chat_request_is_exactly_what_replicate_documents() -> None:
     assert (result.input_tokens, result.output_tokens, result.predict_time) == (40, 4, 0.8)
 
 
-@respx.mock
-async def test_vision_runs_the_configured_version_with_image_and_prompt() -> None:
-    route = respx.post(f"{BASE}/v1/predictions").mock(
-        return_value=httpx.Response(201, json=prediction(output=["A ", "red ", "scarf."])))
-    s = settings()
+async def test_vision_runs_the_configured_version_with_image_and_prompt(stub: ReplicateStub) -> None:
+    route = stub.post("/v1/predictions").respond(201, json=prediction(output=["A ", "red ", "scarf."]))
+    s = settings(stub)
     request = build_request(s, [], "What is this?", "https://images.example/scarf.jpg")
     assert request.route == "vision"
     result = await predict(s, request.model, request.input)
-    body = httpx.Response(200, content=route.calls.last.request.content).json()
-    assert body == {"version": DEFAULT_VISION_MODEL.version, "input": {
+    assert route.calls[-1].json() == {"version": DEFAULT_VISION_MODEL.version, "input": {
         "image": "https://images.example/scarf.jpg",
         "prompt": "You are a helpful, concise assistant.\n\nWhat is this?", "max_tokens": 512, "temperature": 0.6}}
     assert result.text == "A red scarf."
 
 
-@respx.mock
-async def test_plain_string_output_is_accepted() -> None:
-    respx.post(CHAT_URL).mock(return_value=httpx.Response(201, json=prediction(output="Just one string.")))
-    assert (await predict(settings())).text == "Just one string."
+async def test_plain_string_output_is_accepted(stub: ReplicateStub) -> None:
+    stub.post(CHAT_PATH).respond(201, json=prediction(output="Just one string."))
+    assert (await predict(settings(stub))).text == "Just one string."
 
 
-@respx.mock
-async def test_polls_until_the_prediction_ends() -> None:
-    respx.post(CHAT_URL).mock(return_value=httpx.Response(201, json=prediction("starting", output=[])))
-    poll = respx.get(f"{BASE}/v1/predictions/p1").mock(side_effect=[
-        httpx.Response(200, json=prediction("processing", output=["Na"])),
-        httpx.Response(200, json=prediction()),
-    ])
-    result = await predict(settings())
+async def test_polls_until_the_prediction_ends(stub: ReplicateStub) -> None:
+    stub.post(CHAT_PATH).respond(201, json=prediction("starting", output=[]))
+    poll = stub.get("/v1/predictions/p1").side_effect(
+        Reply(200, json=prediction("processing", output=["Na"])), Reply(200, json=prediction()))
+    result = await predict(settings(stub))
     assert poll.call_count == 2 and result.text == "Navy goes with camel."
+    assert poll.calls[0].headers["Authorization"] == "Bearer r8_test"
 
 
 @pytest.mark.parametrize(("status", "body", "code", "retryable"), [
@@ -106,85 +114,74 @@ async def test_polls_until_the_prediction_ends() -> None:
     (422, {"title": "Input validation failed", "detail": "- input: prompt is required\n", "status": 422},
      "invalid_input", False),
 ])
-@respx.mock
-async def test_client_errors_are_final(status: int, body: dict, code: str, retryable: bool) -> None:
-    route = respx.post(CHAT_URL).mock(return_value=httpx.Response(status, json=body))
+async def test_client_errors_are_final(stub: ReplicateStub, status: int, body: dict, code: str, retryable: bool) -> None:
+    route = stub.post(CHAT_PATH).respond(status, json=body)
     with pytest.raises(ProviderError) as error:
-        await predict(settings())
+        await predict(settings(stub))
     assert (error.value.code, error.value.retryable, route.call_count) == (code, retryable, 1)
     assert body["detail"].split("\n")[0] in error.value.message
 
 
-@respx.mock
-async def test_429_with_retry_after_is_retried_after_that_long(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_429_with_retry_after_is_retried_after_that_long(stub: ReplicateStub) -> None:
     slept: list[float] = []
-
-    async def fake_sleep(seconds: float) -> None:
-        slept.append(seconds)
-
-    monkeypatch.setattr("asyncio.sleep", fake_sleep)
-    route = respx.post(CHAT_URL).mock(side_effect=[
-        httpx.Response(429, headers={"Retry-After": "1.5"}, json={"detail": "Request was throttled.", "status": 429}),
-        httpx.Response(429, json={"detail": "Request was throttled. Your rate limit resets in ~2s.", "status": 429}),
-        httpx.Response(201, json=prediction()),
-    ])
-    assert (await predict(settings())).text == "Navy goes with camel."
+    route = stub.post(CHAT_PATH).side_effect(
+        Reply(429, headers={"Retry-After": "1.5"}, json={"detail": "Request was throttled.", "status": 429}),
+        Reply(429, json={"detail": "Request was throttled. Your rate limit resets in ~2s.", "status": 429}),
+        Reply(201, json=prediction()),
+    )
+    assert (await predict(settings(stub), slept=slept)).text == "Navy goes with camel."
     assert route.call_count == 3 and slept[:2] == [1.5, 2.0]
 
 
-@respx.mock
-async def test_429_longer_than_the_cap_goes_back_to_the_run_with_its_delay() -> None:
-    route = respx.post(CHAT_URL).mock(return_value=httpx.Response(
-        429, json={"detail": "Request was throttled. Your rate limit resets in ~30s.", "status": 429}))
+async def test_429_longer_than_the_cap_goes_back_to_the_run_with_its_delay(stub: ReplicateStub) -> None:
+    route = stub.post(CHAT_PATH).respond(
+        429, json={"detail": "Request was throttled. Your rate limit resets in ~30s.", "status": 429})
     with pytest.raises(ProviderError) as error:
-        await predict(settings())
+        await predict(settings(stub))
     assert (error.value.code, error.value.retry_after, route.call_count) == ("rate_limited", 30.0, 1)
 
 
 @pytest.mark.parametrize("failure", [
-    httpx.Response(500, json={"title": "Internal Server Error", "detail": "boom", "status": 500}),
-    httpx.Response(503, text="upstream unavailable"),
-    httpx.ConnectError("connection refused"),
+    Reply(500, json={"title": "Internal Server Error", "detail": "boom", "status": 500}),
+    Reply(503, text="upstream unavailable"),
+    DROP,  # the connection closes without an answer
 ])
-@respx.mock
-async def test_server_and_network_errors_are_retried_then_reported(failure: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def no_sleep(_: float) -> None:
-        return None
-
-    monkeypatch.setattr("asyncio.sleep", no_sleep)
-    route = respx.post(CHAT_URL).mock(side_effect=[failure] * 4)
+async def test_server_and_network_errors_are_retried_then_reported(stub: ReplicateStub, failure: Any) -> None:
+    route = stub.post(CHAT_PATH).always(failure)
+    slept: list[float] = []
     with pytest.raises(ProviderError) as error:
-        await predict(settings(replicate_max_http_retries=3))
-    assert route.call_count == 4
+        await predict(settings(stub, replicate_max_http_retries=3), slept=slept)
+    assert route.call_count == 4 and len(slept) == 3
     assert error.value.code == "provider_unavailable" and error.value.retryable
 
 
-@respx.mock
-async def test_a_server_error_then_success(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def no_sleep(_: float) -> None:
-        return None
-
-    monkeypatch.setattr("asyncio.sleep", no_sleep)
-    respx.post(CHAT_URL).mock(side_effect=[httpx.Response(502, text="bad gateway"), httpx.Response(201, json=prediction())])
-    assert (await predict(settings())).text == "Navy goes with camel."
-
-
-@respx.mock
-async def test_a_read_timeout_on_create_is_not_repeated() -> None:
-    route = respx.post(CHAT_URL).mock(side_effect=httpx.ReadTimeout("slow"))
+async def test_an_unreachable_replicate_is_unavailable_and_retried() -> None:
+    async with ReplicateStub() as closed:
+        s = settings(closed, replicate_max_http_retries=2)
+    slept: list[float] = []  # the server is gone: its port refuses connections
     with pytest.raises(ProviderError) as error:
-        await predict(settings())
+        await predict(s, slept=slept)
+    assert error.value.code == "provider_unavailable" and error.value.retryable and len(slept) == 2
+
+
+async def test_a_server_error_then_success(stub: ReplicateStub) -> None:
+    stub.post(CHAT_PATH).side_effect(Reply(502, text="bad gateway"), Reply(201, json=prediction()))
+    assert (await predict(settings(stub), slept=[])).text == "Navy goes with camel."
+
+
+async def test_a_read_timeout_on_create_is_not_repeated(stub: ReplicateStub) -> None:
+    route = stub.post(CHAT_PATH).always(HANG)
+    with pytest.raises(ProviderError) as error:
+        await predict(settings(stub, replicate_prefer_wait_seconds=1, replicate_timeout_seconds=0.2))
     assert (error.value.code, error.value.retryable, route.call_count) == ("timeout", True, 1)
 
 
-@respx.mock
-async def test_a_prediction_past_its_deadline_is_cancelled() -> None:
-    respx.post(CHAT_URL).mock(return_value=httpx.Response(201, json=prediction("processing", output=[])))
-    respx.get(f"{BASE}/v1/predictions/p1").mock(return_value=httpx.Response(200, json=prediction("processing", output=[])))
-    cancel = respx.post(f"{BASE}/v1/predictions/p1/cancel").mock(
-        return_value=httpx.Response(200, json=prediction("canceled", output=[])))
+async def test_a_prediction_past_its_deadline_is_cancelled(stub: ReplicateStub) -> None:
+    stub.post(CHAT_PATH).respond(201, json=prediction("processing", output=[]))
+    stub.get("/v1/predictions/p1").respond(200, json=prediction("processing", output=[]))
+    cancel = stub.post("/v1/predictions/p1/cancel").respond(200, json=prediction("canceled", output=[]))
     with pytest.raises(ProviderError) as error:
-        await predict(settings(prediction_timeout_seconds=0.3))
+        await predict(settings(stub, prediction_timeout_seconds=0.3))
     assert error.value.code == "timeout" and error.value.prediction_id == "p1" and cancel.call_count == 1
 
 
@@ -196,28 +193,92 @@ async def test_a_prediction_past_its_deadline_is_cancelled() -> None:
     (prediction(output=["  "]), "invalid_output"),
     ({"detail": "no id here"}, "invalid_output"),
 ])
-@respx.mock
-async def test_unusable_predictions(body: dict, code: str) -> None:
-    respx.post(CHAT_URL).mock(return_value=httpx.Response(201, json=body))
+async def test_unusable_predictions(stub: ReplicateStub, body: dict, code: str) -> None:
+    stub.post(CHAT_PATH).respond(201, json=body)
     with pytest.raises(ProviderError) as error:
-        await predict(settings(replicate_max_http_retries=0))
+        await predict(settings(stub, replicate_max_http_retries=0))
     assert error.value.code == code and error.value.retryable
 
 
-@respx.mock
-async def test_non_json_answer_is_invalid_output() -> None:
-    respx.post(CHAT_URL).mock(return_value=httpx.Response(201, text="<html>oops</html>"))
+async def test_non_json_answer_is_invalid_output(stub: ReplicateStub) -> None:
+    stub.post(CHAT_PATH).respond(201, text="<html>oops</html>")
     with pytest.raises(ProviderError) as error:
-        await predict(settings(replicate_max_http_retries=0))
+        await predict(settings(stub, replicate_max_http_retries=0))
     assert error.value.code == "invalid_output"
 
 
-async def test_no_token_is_unauthorized_without_a_request() -> None:
-    with respx.mock(assert_all_called=False) as mock:
-        route = mock.post(CHAT_URL)
-        with pytest.raises(ProviderError) as error:
-            await predict(Settings(replicate_base_url=BASE))
-        assert error.value.code == "unauthorized" and not route.called
+async def test_a_redirect_is_not_followed(stub: ReplicateStub) -> None:
+    stub.post(CHAT_PATH).respond(307, headers={"Location": "/v1/predictions"}, json={"detail": "moved"})
+    elsewhere = stub.post("/v1/predictions").respond(201, json=prediction())
+    with pytest.raises(ProviderError) as error:
+        await predict(settings(stub, replicate_max_http_retries=0))
+    assert error.value.code == "invalid_output" and not elsewhere.called
+
+
+async def test_no_token_is_unauthorized_without_a_request(stub: ReplicateStub) -> None:
+    route = stub.post(CHAT_PATH).respond(201, json=prediction())
+    with pytest.raises(ProviderError) as error:
+        await predict(Settings(_env_file=None, replicate_base_url=stub.base_url))
+    assert error.value.code == "unauthorized" and not route.called and not stub.unmatched
+
+
+# -- the event stream ----------------------------------------------------------------------------
+def event_stream(*events: tuple[str, str]) -> str:
+    return "".join(f"event: {name}\n" + "".join(f"data: {line}\n" for line in data.split("\n")) + "\n"
+                   for name, data in events)
+
+
+def sse(text: str, status: int = 200) -> Reply:
+    return Reply(status, text=text, headers={"Content-Type": "text/event-stream"})
+
+
+async def test_a_streamed_prediction_reports_its_text_as_it_grows(stub: ReplicateStub) -> None:
+    stub.post(CHAT_PATH).respond(201, json=prediction("starting", output=[], base=stub.base_url))
+    stream = stub.get("/v1/streams/p1").always(sse(": a comment first\n\n" + event_stream(
+        ("output", "Navy"), ("output", " goes\nwith"), ("output", " camel."), ("done", "{}"))))
+    final = stub.get("/v1/predictions/p1").respond(200, json=prediction(output=["Navy", " goes\nwith", " camel."]))
+    seen: list[str] = []
+
+    async def on_text(text: str) -> None:
+        seen.append(text)
+
+    result = await predict(settings(stub), on_text=on_text)
+    assert seen == ["Navy", "Navy goes\nwith", "Navy goes\nwith camel."]
+    assert result.text == "Navy goes\nwith camel." and result.time_to_first_token_ms is not None
+    create, get = stub.routes[0].calls[0], stream.calls[0]
+    assert "Prefer" not in create.headers  # streamed: the create answers at once
+    assert get.headers["Accept"] == "text/event-stream" and get.headers["Authorization"] == "Bearer r8_test"
+    assert final.call_count == 1  # the final prediction (metrics, output) is read once it ended
+
+
+@pytest.mark.parametrize("broken", [
+    sse(event_stream(("output", "Navy"), ("error", '{"detail": "boom"}'))),  # an error event
+    sse(event_stream(("output", "Navy"))),                                    # ends without `done`
+    Reply(200, json={"not": "a stream"}),                                   # not an event stream
+    Reply(500, text="no"),                                                 # refused
+    DROP,                                                                  # cut
+])
+async def test_a_broken_stream_falls_back_to_polling(stub: ReplicateStub, broken: Any) -> None:
+    stub.post(CHAT_PATH).respond(201, json=prediction("processing", output=[], base=stub.base_url))
+    stub.get("/v1/streams/p1").always(broken)
+    poll = stub.get("/v1/predictions/p1").side_effect(
+        Reply(200, json=prediction("processing", output=["Na"])), Reply(200, json=prediction()))
+    assert (await predict(settings(stub), on_text=lambda _: asyncio.sleep(0), slept=[])).text == "Navy goes with camel."
+    assert poll.call_count == 2
+
+
+async def test_server_sent_events_are_read_as_the_standard_says() -> None:
+    async def lines(text: bytes) -> AsyncIterator[bytes]:
+        for line in text.splitlines(keepends=True):
+            yield line
+
+    text = (b"retry: 1000\r\n: comment\r\nevent: output\r\ndata:no space\r\ndata:  two spaces\r\n\r\n"
+            b"data: default type\n\n"
+            b"event: ignored without data\n\n"
+            b"event: done\nid: 7\nunknown: field\ndata\n\n"
+            b"event: output\ndata: no blank line at the end\n")
+    events = [event async for event in server_sent_events(lines(text))]
+    assert events == [("output", "no space\n two spaces"), ("message", "default type"), ("done", "")]
 
 
 def test_cost_per_token_and_per_second() -> None:
@@ -228,22 +289,14 @@ def test_cost_per_token_and_per_second() -> None:
     assert estimate_cost(DEFAULT_VISION_MODEL, None, None, None) is None
 
 
-@respx.mock
-async def test_creates_are_spread_under_replicates_rate_limit() -> None:
-    import time
-
-    sent_at: list[float] = []
-
-    def record(request: httpx.Request) -> httpx.Response:
-        sent_at.append(time.monotonic())
-        return httpx.Response(201, json=prediction())
-
-    respx.post(CHAT_URL).mock(side_effect=record)
-    s = settings(replicate_max_creates_per_minute=120)  # a bucket of 2 a second
-    async with httpx.AsyncClient() as http:
+async def test_creates_are_spread_under_replicates_rate_limit(stub: ReplicateStub) -> None:
+    route = stub.post(CHAT_PATH).always(lambda _: Reply(201, json=prediction()))
+    s = settings(stub, replicate_max_creates_per_minute=120)  # a bucket of 2 a second
+    async with replicate_http(s) as http:
         client = ReplicateClient(http, s)
         await asyncio.gather(*(client.predict(DEFAULT_CHAT_MODEL, {"prompt": "hi"}) for _ in range(4)))
     # The bucket lets two through at once; the next two wait for it to drain (0.5 s each).
+    sent_at = sorted(call.at for call in route.calls)
     assert sent_at[3] - sent_at[0] >= 0.9
 
 
@@ -252,6 +305,4 @@ async def test_creates_are_spread_under_replicates_rate_limit() -> None:
     ("99999999", 3600.0),
 ])
 def test_retry_after_is_read_defensively(header: str, expected: float | None) -> None:
-    from worker.provider import parse_retry_after
-
-    assert parse_retry_after(httpx.Response(429, headers={"Retry-After": header}), "") == expected
+    assert parse_retry_after(CIMultiDict({"Retry-After": header}), "") == expected

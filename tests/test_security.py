@@ -8,19 +8,19 @@ import json
 import uuid
 from collections.abc import Iterator
 
-import httpx
 import psycopg
 import psycopg.errors
 import pytest
-import respx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import postgrest
 from tests.pipeline_helpers import finished_runs, new_user_thread, query, say, wait_until
 from tests.postgrest import create_user, request
+from tests.replicate_stub import ReplicateStub
 from tests.supabase_emulator import SupabaseEmulator
 from tests.test_supabase_transport import start_worker, stop_worker, supabase_settings
+from worker.app import replicate_http
 from worker.config import DEFAULT_CHAT_MODEL, Settings
 from worker.localdb import LocalDatabase
 from worker.provider import ProviderError, ReplicateClient
@@ -128,13 +128,13 @@ prediction_bodies = st.one_of(
 def test_malformed_replicate_answers_become_error_codes(status, body, retry_after) -> None:
     async def scenario() -> None:
         headers = {"Retry-After": retry_after} if retry_after and retry_after.isascii() and retry_after.isprintable() else {}
-        s = Settings(replicate_api_token="r8_test", replicate_base_url="https://api.replicate.test",
-                     replicate_max_http_retries=0, prediction_timeout_seconds=0.05, replicate_max_creates_per_minute=0)
-        with respx.mock(assert_all_called=False) as router:
-            router.post(url__regex=r".*/predictions$").respond(status, json=body, headers=headers)
-            router.get(url__regex=r".*/predictions/.*").respond(status, json=body)
-            router.post(url__regex=r".*/cancel$").respond(200, json={})
-            async with httpx.AsyncClient() as http:
+        async with ReplicateStub() as stub:
+            s = Settings(replicate_api_token="r8_test", replicate_base_url=stub.base_url,
+                         replicate_max_http_retries=0, prediction_timeout_seconds=0.05, replicate_max_creates_per_minute=0)
+            stub.post(r".*/predictions").respond(status, json=body, headers=headers)
+            stub.get(r"/v1/predictions/.*").respond(status, json=body)
+            stub.post(r".*/cancel").respond(200, json={})
+            async with replicate_http(s) as http:
                 try:
                     result = await ReplicateClient(http, s).predict(DEFAULT_CHAT_MODEL, {"prompt": "hi"})
                 except ProviderError as error:

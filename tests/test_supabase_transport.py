@@ -4,17 +4,17 @@ loopback emulator of PostgREST and Realtime that executes RPC on the real databa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 from postgrest.exceptions import APIError
 from supabase import AsyncClientOptions, acreate_client
 
 from tests.pipeline_helpers import finished_runs, new_user_thread, query, say, wait_until, worker_settings
 from tests.supabase_emulator import SupabaseEmulator, make_jwt
-from worker.app import build_worker, open_transport
+from worker.app import build_worker, open_transport, replicate_http, web_http
 from worker.pipeline import Worker
 from worker.simulator import ReplicateSimulator
 from worker.wakeups import RealtimeWakeups
@@ -33,19 +33,21 @@ def supabase_settings(simulator: ReplicateSimulator, supabase: SupabaseEmulator,
                            supabase_service_role_key=supabase.service_role_key, **overrides)
 
 
-async def start_worker(settings, wakeups=None) -> tuple[Worker, asyncio.Task, httpx.AsyncClient]:
+async def start_worker(settings, wakeups=None) -> tuple[Worker, asyncio.Task, contextlib.AsyncExitStack]:
     transport = await open_transport(settings)
     if wakeups is not None:
         transport.wakeups = wakeups
-    http = httpx.AsyncClient()
-    worker = build_worker(settings, transport, http)
-    return worker, asyncio.create_task(worker.run()), http
+    clients = contextlib.AsyncExitStack()
+    replicate = await clients.enter_async_context(replicate_http(settings))
+    web = await clients.enter_async_context(web_http(settings))
+    worker = build_worker(settings, transport, replicate, web)
+    return worker, asyncio.create_task(worker.run()), clients
 
 
-async def stop_worker(worker: Worker, task: asyncio.Task, http: httpx.AsyncClient) -> None:
+async def stop_worker(worker: Worker, task: asyncio.Task, clients: contextlib.AsyncExitStack) -> None:
     worker.stop()
     await asyncio.wait_for(task, timeout=30)
-    await http.aclose()
+    await clients.aclose()
 
 
 async def live(worker: Worker) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
@@ -55,12 +56,22 @@ async def open_transport(settings: Settings, database_url: str | None = None, op
 
 
 @contextlib.asynccontextmanager
-async def replicate_http(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """httpx's interface on aiohttp's connection pool (httpx-aiohttp): httpcore's pool scans every
-    connection on every request, which at hundreds of predictions in flight cost more CPU than
-    the rest of the worker (see bench/README.md)."""
-    limits = httpx.Limits(max_connections=settings.worker_concurrency + 8,
-                          max_keepalive_connections=settings.worker_concurrency + 8)
+async def replicate_http(settings: Settings) -> AsyncIterator[aiohttp.ClientSession]:
+    """The session the Replicate client runs on: aiohttp directly (its connection pool holds a
+    connection per prediction in flight), no cookies, no redirects followed."""
+    timeout = settings.replicate_timeout_seconds
+    connector = aiohttp.TCPConnector(limit=settings.worker_concurrency + 8, limit_per_host=0)
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                     timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout),
+                                     raise_for_status=False) as session:
+        yield session
+
+
+@contextlib.asynccontextmanager
+async def web_http(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The client for everything else over HTTP (image checks, Realtime broadcasts): httpx's
+    interface on aiohttp's connection pool (httpx-aiohttp)."""
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(transport=AiohttpTransport(limits=limits),
                                  timeout=settings.replicate_timeout_seconds) as http:
         yield http
@@ -75,18 +86,19 @@ def publisher_for(settings: Settings, transport: Transport, http: httpx.AsyncCli
     return None
 
 
-def build_worker(settings: Settings, transport: Transport, http: httpx.AsyncClient) -> Worker:
-    return Worker(settings, transport.store, ReplicateClient(http, settings), transport.wakeups,
-                  images=ImageResolver(settings, transport.store, http, signer=transport.signer),
-                  publisher=publisher_for(settings, transport, http))
+def build_worker(settings: Settings, transport: Transport, replicate: aiohttp.ClientSession,
+                 web: httpx.AsyncClient) -> Worker:
+    return Worker(settings, transport.store, ReplicateClient(replicate, settings), transport.wakeups,
+                  images=ImageResolver(settings, transport.store, web, signer=transport.signer),
+                  publisher=publisher_for(settings, transport, web))
 
 
 async def serve(settings: Settings, database_url: str | None = None) -> Worker:
     """Run the worker until a signal arrives; returns it (with its counters) after the drain."""
     transport = await open_transport(settings, database_url)
     try:
-        async with replicate_http(settings) as http:
-            worker = build_worker(settings, transport, http)
+        async with replicate_http(settings) as replicate, web_http(settings) as web:
+            worker = build_worker(settings, transport, replicate, web)
             health = HealthServer(worker.metrics, worker.not_ready_because) if settings.metrics_enabled else None
             if health:
                 try:

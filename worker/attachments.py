@@ -36,7 +36,7 @@ async def resolve_host(host: str, port: int) -> list[str]:
 
 
 class ImageResolver:
-    def __init__(self, settings: Settings, store: RunStore, http: httpx.AsyncClient, *,
+    def __init__(self, settings: Settings, store: RunStore, http: httpx.AsyncClient | None = None, *,
                  signer: Signer | None = None, resolver: Resolver | None = None) -> None:
         self.settings = settings
         self.store = store
@@ -67,7 +67,11 @@ class ImageResolver:
             if not ip.is_global:
                 raise ImageRefused(f"the image URL points to a private or local address ({ip})")
         try:
-            response = await self.http.head(image_url, follow_redirects=False, timeout=5.0)
+            if self.http is not None:
+                response = await self.http.head(image_url, follow_redirects=False, timeout=5.0)
+            else:  # no client of its own (tests, tools): one for this check
+                async with httpx.AsyncClient() as http:
+                    response = await http.head(image_url, follow_redirects=False, timeout=5.0)
         except httpx.HTTPError as exc:
             raise ImageRefused(f"the image could not be fetched ({type(exc).__name__})") from None
         if response.status_code >= 400:

@@ -53,7 +53,7 @@ class Worker:
         self.store = store
         self.provider = provider
         self.wakeups = wakeups
-        self.images = images or ImageResolver(settings, store, provider.http)
+        self.images = images or ImageResolver(settings, store)
         self.actions = actions
         self.embedder = Embedder(provider, settings)
         self.inflight: dict[uuid.UUID, asyncio.Task[None]] = {}

@@ -1,7 +1,10 @@
-"""Replicate's predictions API over httpx: create with `Prefer: wait`, poll until the prediction
-ends, normalise output and map every failure to an error code.
+"""Replicate's predictions API over aiohttp: create with `Prefer: wait`, or stream the prediction's
+server-sent events; poll until the prediction ends, normalise output and map every failure to
+an error code.
 
-The HTTP client is passed in (tests route it to respx or a loopback simulator). Creating a
+The aiohttp session is passed in (tests point it at loopback servers that speak Replicate's
+API). aiohttp directly, not httpx: per prediction, httpx's request building, cookie handling and
+stream layers cost about twice the CPU of the request itself (see bench/README.md). Creating a
 prediction is retried with tenacity on 429 (honouring `Retry-After` and the "resets in ~Ns"
 of Replicate's throttle message), 5xx and connection errors; a wait longer than
 `replicate_max_retry_after_seconds` is handed back to the run's own backoff instead of holding a
@@ -11,18 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timezone
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-import httpx
+import aiohttp
 from aiolimiter import AsyncLimiter
-from httpx_sse import SSEError, aconnect_sse
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from worker.config import ModelProfile, Settings
@@ -100,10 +103,11 @@ def estimate_cost(model: ModelProfile, input_tokens: int | None, output_tokens: 
     return Decimal(cost).quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
 
 
-def parse_retry_after(response: httpx.Response, detail: str) -> float | None:
+def parse_retry_after(headers: Mapping[str, str], detail: str) -> float | None:
     """Seconds to wait: the Retry-After header (seconds or an HTTP date), else the "resets in
-    ~Ns" of Replicate's throttle message. Anything unreadable counts as absent."""
-    header = response.headers.get("retry-after", "").strip()
+    ~Ns" of Replicate's throttle message. Anything unreadable counts as absent. `headers` is
+    case-insensitive (aiohttp's, or a multidict.CIMultiDict)."""
+    header = headers.get("retry-after", "").strip()
     if header:
         try:
             return min(max(0.0, float(header)), 3600.0)
@@ -121,22 +125,31 @@ def parse_retry_after(response: httpx.Response, detail: str) -> float | None:
     return min(float(match.group(1)), 3600.0) if match else None
 
 
-def _detail(response: httpx.Response) -> str:
+@dataclass
+class Answer:
+    """An HTTP answer, read whole."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+def _detail(body: bytes) -> str:
     try:
-        body = response.json()
+        value = json.loads(body)
     except ValueError:
-        return response.text[:300]
-    if isinstance(body, dict):
-        return str(body.get("detail") or body.get("title") or body)[:500]
-    return str(body)[:500]
+        return body[:300].decode("utf-8", errors="replace")
+    if isinstance(value, dict):
+        return str(value.get("detail") or value.get("title") or value)[:500]
+    return str(value)[:500]
 
 
-def error_from_response(response: httpx.Response) -> ProviderError:
-    status, detail = response.status_code, _detail(response)
+def error_from_response(answer: Answer) -> ProviderError:
+    status, detail = answer.status, _detail(answer.body)
     message = f"Replicate answered {status}: {detail}"
     if status == 429:
         return ProviderError("rate_limited", message, retryable=True,
-                             retry_after=parse_retry_after(response, detail), status=status)
+                             retry_after=parse_retry_after(answer.headers, detail), status=status)
     if status in (401, 403):
         return ProviderError("unauthorized", message, retryable=False, status=status)
     if status == 402:
@@ -147,7 +160,7 @@ def error_from_response(response: httpx.Response) -> ProviderError:
         return ProviderError("invalid_input", message, retryable=False, status=status)
     if status >= 500:
         return ProviderError("provider_unavailable", message, retryable=True,
-                             retry_after=parse_retry_after(response, detail), status=status)
+                             retry_after=parse_retry_after(answer.headers, detail), status=status)
     return ProviderError("provider_error", message, retryable=False, status=status)
 
 
@@ -160,24 +173,46 @@ def output_text(output: Any) -> str:
     raise ProviderError("invalid_output", f"unexpected output type {type(output).__name__}", retryable=True)
 
 
+async def server_sent_events(lines: AsyncIterable[bytes]) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) of each event of a text/event-stream, read line by line as the WHATWG
+    HTML standard's "event stream interpretation" says: `field: value` lines, one leading space
+    of the value dropped, `data` lines joined with newlines, `:` comments and unknown fields
+    ignored, an event dispatched at a blank line when it has data, its type "message" unless an
+    `event` line named it. `id` and `retry` are ignored: a broken stream is not resumed (the
+    caller polls the prediction instead)."""
+    event, data = "", []
+    async for raw in lines:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield event or "message", "\n".join(data)
+            event, data = "", []
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                event = value
+
+
 class ReplicateClient:
-    def __init__(self, http: httpx.AsyncClient, settings: Settings) -> None:
+    def __init__(self, http: aiohttp.ClientSession, settings: Settings) -> None:
         self.http = http
         self.settings = settings
         self.base_url = settings.replicate_base_url.rstrip("/")
         per_minute = settings.replicate_max_creates_per_minute
         # A leaky bucket of 1/60 of the minute's allowance, so a burst is spread over the minute.
         self.create_limiter = AsyncLimiter(max(1, per_minute // 60), 1) if per_minute else None
-        self._urls: dict[str, httpx.URL] = {}
-
-    def _url(self, path: str) -> httpx.URL:
-        """The parsed URL of a create endpoint: parsed once, not on every request."""
-        url = self._urls.get(path)
-        if url is None:
-            if len(self._urls) >= 256:  # assistants may name any model: keep the cache bounded
-                self._urls.clear()
-            url = self._urls[path] = httpx.URL(self.base_url + path)
-        return url
+        # How retries and polls wait (tests replace it to skip the waiting).
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        timeout = settings.replicate_timeout_seconds
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
+        # A create held by Prefer: wait answers once the prediction ends: up to the wait, plus time.
+        self._create_timeout = aiohttp.ClientTimeout(total=None, connect=timeout,
+                                                     sock_read=settings.replicate_prefer_wait_seconds + timeout)
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=timeout,
+                                                     sock_read=settings.prediction_timeout_seconds)
 
     def _headers(self, token: str | None) -> dict[str, str]:
         token = token or (self.settings.replicate_api_token.get_secret_value()
@@ -186,24 +221,31 @@ class ReplicateClient:
             raise ProviderError("unauthorized", "no Replicate API token configured", retryable=False)
         return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
-    async def _request(self, method: str, url: str | httpx.URL, headers: dict[str, str], **kwargs: Any) -> dict[str, Any]:
+    async def _send(self, method: str, url: str, headers: dict[str, str], body: bytes | None,
+                    timeout: aiohttp.ClientTimeout) -> Answer:
         try:
-            response = await self.http.request(method, url, headers=headers, **kwargs)
-        except httpx.TimeoutException as exc:
+            async with self.http.request(method, url, headers=headers, data=body, timeout=timeout,
+                                         allow_redirects=False) as response:
+                return Answer(response.status, response.headers, await response.read())
+        except TimeoutError as exc:  # aiohttp's connect and read timeouts are TimeoutErrors too
             raise ProviderError("timeout", f"Replicate did not answer in time ({type(exc).__name__})", retryable=True) from exc
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise ProviderError("provider_unavailable", f"cannot reach Replicate ({type(exc).__name__})", retryable=True) from exc
-        if response.status_code >= 400:
-            raise error_from_response(response)
+
+    async def _request(self, method: str, url: str, headers: dict[str, str], body: bytes | None = None,
+                       timeout: aiohttp.ClientTimeout | None = None) -> dict[str, Any]:
+        answer = await self._send(method, url, headers, body, timeout or self._timeout)
+        if answer.status >= 400:
+            raise error_from_response(answer)
         try:
-            body = response.json()
+            prediction = json.loads(answer.body)
         except ValueError as exc:
             raise ProviderError("invalid_output", "Replicate answered with something that is not JSON", retryable=True) from exc
-        if not isinstance(body, dict) or not isinstance(body.get("status"), str) \
-                or not isinstance(body.get("id"), str) or not PREDICTION_ID.fullmatch(body["id"]):
+        if not isinstance(prediction, dict) or not isinstance(prediction.get("status"), str) \
+                or not isinstance(prediction.get("id"), str) or not PREDICTION_ID.fullmatch(prediction["id"]):
             raise ProviderError("invalid_output", "Replicate answered without a valid prediction id and status",
                                 retryable=True)
-        return body
+        return prediction
 
     async def create(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None,
                      wait: bool = True) -> dict[str, Any]:
@@ -213,11 +255,11 @@ class ReplicateClient:
         if wait:
             headers["Prefer"] = f"wait={self.settings.replicate_prefer_wait_seconds}"
         if model.version:
-            url, body = self._url("/v1/predictions"), {"version": model.version, "input": model_input}
+            url, payload = f"{self.base_url}/v1/predictions", {"version": model.version, "input": model_input}
         else:
-            url, body = self._url(f"/v1/models/{model.slug}/predictions"), {"input": model_input}
-        timeout = httpx.Timeout(self.settings.replicate_timeout_seconds,
-                                read=self.settings.replicate_prefer_wait_seconds + self.settings.replicate_timeout_seconds)
+            url, payload = f"{self.base_url}/v1/models/{model.slug}/predictions", {"input": model_input}
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        timeout = self._create_timeout if wait else self._timeout
         max_wait = self.settings.replicate_max_retry_after_seconds
 
         def transient(exc: BaseException) -> bool:
@@ -234,27 +276,27 @@ class ReplicateClient:
             return wait_random_exponential(multiplier=0.5, max=8)(state)
 
         async for attempt in AsyncRetrying(stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
-                                           retry=retry_if_exception(transient), wait=wait, reraise=True):
+                                           retry=retry_if_exception(transient), wait=wait, sleep=self.sleep,
+                                           reraise=True):
             with attempt:
                 if self.create_limiter is not None:
                     await self.create_limiter.acquire()
-                return await self._request("POST", url, headers, json=body, timeout=timeout)
+                return await self._request("POST", url, headers, body, timeout)
         raise AssertionError("unreachable")
 
     async def get(self, prediction_id: str, token: str | None = None) -> dict[str, Any]:
         async for attempt in AsyncRetrying(stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
                                            retry=retry_if_exception(lambda e: isinstance(e, ProviderError) and e.retryable),
-                                           wait=wait_random_exponential(multiplier=0.2, max=5), reraise=True):
+                                           wait=wait_random_exponential(multiplier=0.2, max=5), sleep=self.sleep,
+                                           reraise=True):
             with attempt:
-                return await self._request("GET", f"{self.base_url}/v1/predictions/{prediction_id}",
-                                           self._headers(token), timeout=self.settings.replicate_timeout_seconds)
+                return await self._request("GET", f"{self.base_url}/v1/predictions/{prediction_id}", self._headers(token))
         raise AssertionError("unreachable")
 
     async def cancel(self, prediction_id: str, token: str | None = None) -> dict[str, Any]:
         """Cancels at Replicate; returns the prediction as it ended ({} if that failed)."""
         try:
-            return await self._request("POST", f"{self.base_url}/v1/predictions/{prediction_id}/cancel",
-                                       self._headers(token), timeout=self.settings.replicate_timeout_seconds)
+            return await self._request("POST", f"{self.base_url}/v1/predictions/{prediction_id}/cancel", self._headers(token))
         except ProviderError:
             return {}  # best effort: the prediction may have ended meanwhile
 
@@ -264,23 +306,27 @@ class ReplicateClient:
         `on_text` with the text so far. True when the stream ended with `done`; False when it
         broke or reported an error (the caller then polls: the prediction decides)."""
         text = ""
+        headers = {**self._headers(token), "Accept": "text/event-stream", "Cache-Control": "no-store"}
         try:
-            async with aconnect_sse(self.http, "GET", url, headers={**self._headers(token), "Cache-Control": "no-store"},
-                                    timeout=httpx.Timeout(self.settings.replicate_timeout_seconds,
-                                                          read=self.settings.prediction_timeout_seconds)) as source:
-                async for event in source.aiter_sse():
-                    if event.event == "output":
+            async with self.http.get(url, headers=headers, timeout=self._stream_timeout, allow_redirects=False) as response:
+                if response.status != 200 or response.content_type != "text/event-stream":
+                    log.warning("prediction stream refused; polling instead",
+                                extra={"event": "stream.broken", "prediction_id": handle.prediction_id,
+                                       "error": f"HTTP {response.status} {response.content_type}"})
+                    return False
+                async for event, data in server_sent_events(response.content):
+                    if event == "output":
                         if handle.time_to_first_token_ms is None:
                             handle.time_to_first_token_ms = int((time.monotonic() - started) * 1000)
-                        text += event.data
+                        text += data
                         await on_text(text)
-                    elif event.event == "error":
+                    elif event == "error":
                         log.warning("prediction stream reported an error",
                                     extra={"event": "stream.error", "prediction_id": handle.prediction_id})
                         return False
-                    elif event.event == "done":
+                    elif event == "done":
                         return True
-        except (httpx.HTTPError, SSEError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: a line over aiohttp's limit
             log.warning("prediction stream broke; polling instead",
                         extra={"event": "stream.broken", "prediction_id": handle.prediction_id,
                                "error": type(exc).__name__})
@@ -310,7 +356,7 @@ class ReplicateClient:
                     await self.cancel(prediction_id, token)
                     raise ProviderError("timeout", f"prediction did not finish in {self.settings.prediction_timeout_seconds:g}s",
                                         retryable=True)
-                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                await self.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 1.5, 2.0)
                 prediction = handle.last = await self.get(prediction_id, token)
         except asyncio.CancelledError:
