@@ -211,8 +211,9 @@ class ReplicateClient:
         # A create held by Prefer: wait answers once the prediction ends: up to the wait, plus time.
         self._create_timeout = aiohttp.ClientTimeout(total=None, connect=timeout,
                                                      sock_read=settings.replicate_prefer_wait_seconds + timeout)
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=timeout,
-                                                     sock_read=settings.prediction_timeout_seconds)
+        # A stream lasts no longer than its prediction may. A total, not a read timeout: aiohttp
+        # re-arms a read timeout at every chunk, a timer per token.
+        self._stream_timeout = aiohttp.ClientTimeout(total=settings.prediction_timeout_seconds, connect=timeout)
 
     def _headers(self, token: str | None) -> dict[str, str]:
         token = token or (self.settings.replicate_api_token.get_secret_value()

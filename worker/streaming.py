@@ -48,9 +48,11 @@ class NotifyPublisher:
 
     async def _send(self, payloads: list[str]) -> None:
         # One statement, notifications in array order (PostgreSQL delivers a transaction's
-        # notifications in the order they were sent).
+        # notifications in the order they were sent). The array goes in binary (%b): psycopg's
+        # text form quotes and escapes each JSON payload with a regular expression, about 80
+        # times slower.
         async with self.pool.connection() as conn:
-            await conn.execute("select pg_notify(%s, p) from unnest(%s::text[]) with ordinality u(p, n) order by n",
+            await conn.execute("select pg_notify(%s, p) from unnest(%b::text[]) with ordinality u(p, n) order by n",
                                (NOTIFY_CHANNEL, payloads))
 
 
