@@ -64,7 +64,9 @@ def points(cfg: dict[str, Any]) -> list[pipeline.Point]:
                 out.append(pipeline.Point(conv, workers, latency, cfg["warmup_s"],
                                           cfg["soak_duration_s"] if soak else cfg["duration_s"], soak))
     for conv, workers, latency, variant in cfg["variants"]:
-        out.append(pipeline.Point(conv, workers, latency, cfg["warmup_s"], cfg["duration_s"], False, variant))
+        soak = conv == top_conv and latency == top_latency  # the top point without streaming is soaked too
+        out.append(pipeline.Point(conv, workers, latency, cfg["warmup_s"],
+                                  cfg["soak_duration_s"] if soak else cfg["duration_s"], soak, variant))
     return out
 
 

@@ -83,19 +83,20 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         best["replies_per_second"] if best else "not measured",
         best["replies_per_second"] >= TARGETS["replies_per_s_2_workers"] if best else None,
         at=f"{best['conversations']} conversations, latency {best['latency_s']:g} s" if best else None)
-    for workers in (1, 2):
-        p = _point(points, 1000, workers, 2.0)
+    for workers, variant in ((1, "default"), (2, "default"), (2, "no_streaming")):
+        p = _point(every, 1000, workers, 2.0, variant)
+        label = (f"1,000 conversations at 2 s latency sustained without memory growth, {workers} worker(s)"
+                 + (", replies not streamed (STREAM_REPLIES=false)" if variant == "no_streaming" else ""))
         if p is None:
-            add(f"1,000 conversations at 2 s latency sustained without memory growth, {workers} worker(s)",
-                "replies/s >= 90% of 1000/2 s, no timeouts or failures, worker RSS growth <= 5% over the window",
-                "not measured", None)
+            if variant == "default":
+                add(label, "replies/s >= 90% of 1000/2 s, no timeouts or failures, worker RSS growth <= 5% over the window",
+                    "not measured", None)
             continue
         ideal = p["conversations"] / p["latency_s"]
         growth = max((w["window_growth_pct"] or 0.0) for w in p["worker_rss_mb"]["per_worker"])
         sustained = (p["replies_per_second"] >= TARGETS["sustained_fraction"] * ideal and p["client_timeouts"] == 0
                      and p["failed_replies"] == 0)
-        add(f"1,000 conversations at 2 s latency sustained without memory growth, {workers} worker(s)",
-            "replies/s >= 90% of 1000/2 s, no timeouts or failures, worker RSS growth <= 5% over the window",
+        add(label, "replies/s >= 90% of 1000/2 s, no timeouts or failures, worker RSS growth <= 5% over the window",
             {"replies_per_s": p["replies_per_second"], "ideal_replies_per_s": ideal,
              "overhead_p50_ms": p["overhead_ms"]["p50"], "overhead_p99_ms": p["overhead_ms"]["p99"],
              "timeouts": p["client_timeouts"], "failed": p["failed_replies"],
