@@ -3,8 +3,9 @@ server-sent events; poll until the prediction ends, normalise output and map eve
 an error code.
 
 The aiohttp session is passed in (tests point it at loopback servers that speak Replicate's
-API). aiohttp directly, not httpx: per prediction, httpx's request building, cookie handling and
-stream layers cost about twice the CPU of the request itself (see bench/README.md). Creating a
+API). aiohttp directly, not httpx: httpx's request building, cookie handling and stream layers
+on top of aiohttp cost about as much CPU again as the requests themselves (bench/README.md,
+"The worker's HTTP client"). Creating a
 prediction is retried with tenacity on 429 (honouring `Retry-After` and the "resets in ~Ns"
 of Replicate's throttle message), 5xx and connection errors; a wait longer than
 `replicate_max_retry_after_seconds` is handed back to the run's own backoff instead of holding a
