@@ -144,15 +144,31 @@ async def test_429_longer_than_the_cap_goes_back_to_the_run_with_its_delay(stub:
 @pytest.mark.parametrize("failure", [
     Reply(500, json={"title": "Internal Server Error", "detail": "boom", "status": 500}),
     Reply(503, text="upstream unavailable"),
-    DROP,  # the connection closes without an answer
 ])
-async def test_server_and_network_errors_are_retried_then_reported(stub: ReplicateStub, failure: Any) -> None:
+async def test_server_errors_are_retried_then_reported(stub: ReplicateStub, failure: Any) -> None:
     route = stub.post(CHAT_PATH).always(failure)
     slept: list[float] = []
     with pytest.raises(ProviderError) as error:
         await predict(settings(stub, replicate_max_http_retries=3), slept=slept)
     assert route.call_count == 4 and len(slept) == 3
     assert error.value.code == "provider_unavailable" and error.value.retryable
+
+
+async def test_a_create_whose_connection_breaks_is_not_repeated(stub: ReplicateStub) -> None:
+    # The request reached Replicate and no answer came back: it may have created a prediction,
+    # so the HTTP layer does not create another; the run's own retry decides.
+    route = stub.post(CHAT_PATH).always(DROP)
+    with pytest.raises(ProviderError) as error:
+        await predict(settings(stub, replicate_max_http_retries=3), slept=[])
+    assert (error.value.code, error.value.retryable, route.call_count) == ("provider_unavailable", True, 1)
+    assert "broke" in error.value.message
+
+
+async def test_a_poll_whose_connection_breaks_is_repeated(stub: ReplicateStub) -> None:
+    stub.post(CHAT_PATH).respond(201, json=prediction("processing", output=[]))
+    poll = stub.get("/v1/predictions/p1").side_effect(DROP, Reply(200, json=prediction()))
+    assert (await predict(settings(stub), slept=[])).text == "Navy goes with camel."
+    assert poll.call_count == 2
 
 
 async def test_an_unreachable_replicate_is_unavailable_and_retried() -> None:

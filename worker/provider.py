@@ -42,7 +42,7 @@ class ProviderError(Exception):
     """A failed prediction attempt, with the normalised code stored on events and runs."""
 
     def __init__(self, code: str, message: str, *, retryable: bool, retry_after: float | None = None,
-                 prediction_id: str | None = None, status: int | None = None) -> None:
+                 prediction_id: str | None = None, status: int | None = None, request_sent: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -50,6 +50,8 @@ class ProviderError(Exception):
         self.retry_after = retry_after
         self.prediction_id = prediction_id
         self.status = status
+        # The request went out and no answer came back: a create may have created a prediction.
+        self.request_sent = request_sent
 
 
 @dataclass
@@ -230,9 +232,13 @@ class ReplicateClient:
                                          allow_redirects=False) as response:
                 return Answer(response.status, response.headers, await response.read())
         except TimeoutError as exc:  # aiohttp's connect and read timeouts are TimeoutErrors too
-            raise ProviderError("timeout", f"Replicate did not answer in time ({type(exc).__name__})", retryable=True) from exc
-        except aiohttp.ClientError as exc:
+            raise ProviderError("timeout", f"Replicate did not answer in time ({type(exc).__name__})", retryable=True,
+                                request_sent=True) from exc
+        except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
             raise ProviderError("provider_unavailable", f"cannot reach Replicate ({type(exc).__name__})", retryable=True) from exc
+        except aiohttp.ClientError as exc:  # the connection broke once the request was on its way
+            raise ProviderError("provider_unavailable", f"the connection to Replicate broke before it answered "
+                                f"({type(exc).__name__})", retryable=True, request_sent=True) from exc
 
     async def _request(self, method: str, url: str, headers: dict[str, str], body: bytes | None = None,
                        timeout: aiohttp.ClientTimeout | None = None) -> dict[str, Any]:
@@ -265,9 +271,11 @@ class ReplicateClient:
         max_wait = self.settings.replicate_max_retry_after_seconds
 
         def transient(exc: BaseException) -> bool:
-            # Only answers that created nothing. A read timeout or a garbled 201 may have created a
-            # prediction: the run's own retry decides, so one answer is not paid for twice.
-            if not isinstance(exc, ProviderError) or exc.code not in ("rate_limited", "provider_unavailable"):
+            # Only answers that created nothing. A read timeout, a connection broken once the
+            # request was sent or a garbled 201 may have created a prediction: the run's own retry
+            # decides, so one answer is not paid for twice.
+            if not isinstance(exc, ProviderError) or exc.code not in ("rate_limited", "provider_unavailable") \
+                    or exc.request_sent:
                 return False
             return exc.retry_after is None or exc.retry_after <= max_wait
 
