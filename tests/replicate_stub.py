@@ -69,8 +69,7 @@ class Route:
 
     def respond(self, status: int = 200, *, json: Any = None, text: str | None = None,
                 headers: dict[str, str] | None = None) -> Route:
-        self._default = Reply(status, json, text, headers or {})
-        return self
+        return self.always(Reply(status, json, text, headers or {}))
 
     def always(self, answer: Answer) -> Route:
         self._default = answer

@@ -58,12 +58,10 @@ async def open_transport(settings: Settings, database_url: str | None = None, op
 @contextlib.asynccontextmanager
 async def replicate_http(settings: Settings) -> AsyncIterator[aiohttp.ClientSession]:
     """The session the Replicate client runs on: aiohttp directly (its connection pool holds a
-    connection per prediction in flight), no cookies, no redirects followed."""
-    timeout = settings.replicate_timeout_seconds
+    connection per prediction in flight), no cookies. Timeouts and redirects are the client's,
+    set on each request."""
     connector = aiohttp.TCPConnector(limit=settings.worker_concurrency + 8, limit_per_host=0)
-    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                     timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout),
-                                     raise_for_status=False) as session:
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as session:
         yield session
 
 

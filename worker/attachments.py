@@ -8,6 +8,7 @@ object or one over IMAGE_MAX_BYTES."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import uuid
@@ -67,11 +68,9 @@ class ImageResolver:
             if not ip.is_global:
                 raise ImageRefused(f"the image URL points to a private or local address ({ip})")
         try:
-            if self.http is not None:
-                response = await self.http.head(image_url, follow_redirects=False, timeout=5.0)
-            else:  # no client of its own (tests, tools): one for this check
-                async with httpx.AsyncClient() as http:
-                    response = await http.head(image_url, follow_redirects=False, timeout=5.0)
+            # Without a client of its own (tests, tools), one for this check.
+            async with contextlib.nullcontext(self.http) if self.http is not None else httpx.AsyncClient() as http:
+                response = await http.head(image_url, follow_redirects=False, timeout=5.0)
         except httpx.HTTPError as exc:
             raise ImageRefused(f"the image could not be fetched ({type(exc).__name__})") from None
         if response.status_code >= 400:
