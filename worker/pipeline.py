@@ -31,6 +31,7 @@ from worker.prompts import (
     parse_reply,
 )
 from worker.provider import Prediction, PredictionHandle, ProviderError, ReplicateClient, estimate_cost
+from worker.retries import retried
 from worker.store import ClaimedRun, Completion, RunGone, RunStore, StoreUnavailable
 from worker.streaming import Publisher, ReplyRelay
 
@@ -344,12 +345,9 @@ class Worker:
 
     async def _store_call(self, call: Callable[[], Awaitable[T]]) -> T:
         """Store calls are idempotent: retry them while the database is away, up to one lease."""
-        async for attempt in AsyncRetrying(retry=retry_if_exception_type(StoreUnavailable),
-                                           stop=stop_after_delay(self.settings.worker_lease_seconds),
-                                           wait=wait_random_exponential(multiplier=0.2, max=5), reraise=True):
-            with attempt:
-                return await call()
-        raise AssertionError("unreachable")
+        return await retried(call, lambda: AsyncRetrying(
+            retry=retry_if_exception_type(StoreUnavailable), stop=stop_after_delay(self.settings.worker_lease_seconds),
+            wait=wait_random_exponential(multiplier=0.2, max=5), reraise=True))
 
     async def _complete(self, run: ClaimedRun, request: ModelRequest, prediction: Prediction,
                         knowledge_error: str | None = None) -> None:

@@ -30,6 +30,7 @@ from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from worker.config import ModelProfile, Settings
+from worker.retries import retried
 
 log = logging.getLogger("worker.provider")
 
@@ -285,23 +286,21 @@ class ReplicateClient:
                 return exc.retry_after
             return wait_random_exponential(multiplier=0.5, max=8)(state)
 
-        async for attempt in AsyncRetrying(stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
-                                           retry=retry_if_exception(transient), wait=wait, sleep=self.sleep,
-                                           reraise=True):
-            with attempt:
-                if self.create_limiter is not None:
-                    await self.create_limiter.acquire()
-                return await self._request("POST", url, headers, body, timeout)
-        raise AssertionError("unreachable")
+        async def attempt() -> dict[str, Any]:
+            if self.create_limiter is not None:
+                await self.create_limiter.acquire()
+            return await self._request("POST", url, headers, body, timeout)
+
+        return await retried(attempt, lambda: AsyncRetrying(
+            stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1), retry=retry_if_exception(transient),
+            wait=wait, sleep=self.sleep, reraise=True))
 
     async def get(self, prediction_id: str, token: str | None = None) -> dict[str, Any]:
-        async for attempt in AsyncRetrying(stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
-                                           retry=retry_if_exception(lambda e: isinstance(e, ProviderError) and e.retryable),
-                                           wait=wait_random_exponential(multiplier=0.2, max=5), sleep=self.sleep,
-                                           reraise=True):
-            with attempt:
-                return await self._request("GET", f"{self.base_url}/v1/predictions/{prediction_id}", self._headers(token))
-        raise AssertionError("unreachable")
+        url, headers = f"{self.base_url}/v1/predictions/{prediction_id}", self._headers(token)
+        return await retried(lambda: self._request("GET", url, headers), lambda: AsyncRetrying(
+            stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
+            retry=retry_if_exception(lambda e: isinstance(e, ProviderError) and e.retryable),
+            wait=wait_random_exponential(multiplier=0.2, max=5), sleep=self.sleep, reraise=True))
 
     async def cancel(self, prediction_id: str, token: str | None = None) -> dict[str, Any]:
         """Cancels at Replicate; returns the prediction as it ended ({} if that failed)."""
