@@ -57,6 +57,7 @@ create trigger bench_record_reply
   execute function bench.record_reply();
 """
 POLL_SECONDS = 0.005
+HISTORY_MESSAGES = 50  # what claim_runs reads of a thread's history (migration 20261122000600)
 
 
 @dataclass(frozen=True)
@@ -171,12 +172,33 @@ class PipelineBench:
             conn.execute(BENCH_TRIGGER)
 
     def new_threads(self, conversations: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
+        """A thread per conversation, with a history as long as the worker reads (HISTORY_MESSAGES):
+        a point measures the steady state of a conversation that has been going on, from its first
+        message. From empty threads the work per reply (history read, prompt, request) grew for the
+        first 25 exchanges: at 2 s latency the first minute, which also made memory look as if it
+        grew under sustained load."""
         users = self.users[:conversations]
         threads = [uuid.uuid4() for _ in users]
-        with psycopg.connect(self.url, autocommit=True) as conn:
+        with psycopg.connect(self.url) as conn:
             conn.execute("insert into assistant_threads (id, user_id, title)"
                          " select t.id, t.user_id, 'bench' from unnest(%s::uuid[], %s::uuid[]) t(id, user_id)",
                          (threads, users))
+            # Earlier exchanges, written as they would have been (a user message, its reply), without
+            # the triggers: they are history, not work (no runs, nothing for the reply poller).
+            conn.execute("set local session_replication_role = replica")
+            conn.execute("""
+                with exchange as materialized (
+                  select t.id as thread_id, t.user_id, k, gen_random_uuid() as asked,
+                         now() - interval '1 hour' + k * interval '10 seconds' as at
+                    from unnest(%(threads)s::uuid[], %(users)s::uuid[]) t(id, user_id), generate_series(1, %(n)s) k)
+                insert into assistant_messages (id, thread_id, user_id, role, content, reply_to, created_at)
+                select asked, thread_id, user_id, 'user', format('Earlier message %%s: hello?', k), null, at
+                  from exchange
+                union all
+                select gen_random_uuid(), thread_id, user_id, 'assistant', format('You said: Earlier message %%s: hello?', k),
+                       asked, at + interval '2 seconds'
+                  from exchange""", {"threads": threads, "users": users, "n": HISTORY_MESSAGES // 2})
+            conn.commit()
         return list(zip(users, threads, strict=True))
 
     # -- workers --------------------------------------------------------------------------------
