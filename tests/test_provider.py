@@ -10,6 +10,9 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from tests.replicate_stub import DROP, HANG, ReplicateStub, Reply
@@ -283,18 +286,49 @@ async def test_a_broken_stream_falls_back_to_polling(stub: ReplicateStub, broken
     assert poll.call_count == 2
 
 
-async def test_server_sent_events_are_read_as_the_standard_says() -> None:
-    async def lines(text: bytes) -> AsyncIterator[bytes]:
-        for line in text.splitlines(keepends=True):
-            yield line
+STANDARD_STREAM = (b"\xef\xbb\xbfretry: 1000\r\n: comment\r\nevent: output\r\ndata:no space\r\ndata:  two spaces\r\n\r\n"
+                   b"data: default type\n\n"
+                   b"event: ignored without data\n\n"
+                   b"event: output\rdata: CR endings, \xc3\xa9t\xc3\xa9\r\r"
+                   b"event: done\nid: 7\nunknown: field\ndata\n\n"
+                   b"event: output\ndata: no blank line at the end\n")
+STANDARD_EVENTS = [("output", "no space\n two spaces"), ("message", "default type"), ("output", "CR endings, été"),
+                   ("done", "")]
 
-    text = (b"retry: 1000\r\n: comment\r\nevent: output\r\ndata:no space\r\ndata:  two spaces\r\n\r\n"
-            b"data: default type\n\n"
-            b"event: ignored without data\n\n"
-            b"event: done\nid: 7\nunknown: field\ndata\n\n"
-            b"event: output\ndata: no blank line at the end\n")
-    events = [event async for event in server_sent_events(lines(text))]
-    assert events == [("output", "no space\n two spaces"), ("message", "default type"), ("done", "")]
+
+async def events_of(*chunks: bytes) -> list[tuple[str, str]]:
+    async def stream() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    return [event async for event in server_sent_events(stream())]
+
+
+async def test_server_sent_events_are_read_as_the_standard_says() -> None:
+    # The byte order mark is dropped, lines end at CRLF, LF or CR, and the last event, cut off by
+    # the end of the stream, is discarded.
+    assert await events_of(STANDARD_STREAM) == STANDARD_EVENTS
+    assert await events_of(b"data: a line ended by a CR at the very end\r\r") == \
+        [("message", "a line ended by a CR at the very end")]
+
+
+@examples(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(STANDARD_STREAM)), max_size=12))
+def test_server_sent_events_do_not_depend_on_how_the_stream_is_cut(cuts: list[int]) -> None:
+    """However the bytes arrive (a CRLF or a UTF-8 character split between two chunks, a
+    byte at a time), the events are the same."""
+    bounds = [0, *sorted(cuts), len(STANDARD_STREAM)]
+    chunks = [STANDARD_STREAM[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    assert asyncio.run(events_of(*chunks)) == STANDARD_EVENTS
+
+
+@pytest.mark.parametrize("stream", [
+    [b"data: " + b"x" * 100_000] * 3,                          # a line that does not end
+    [b"data: " + b"x" * 100_000 + b"\n"] * 3 + [b"\n"],        # an event that does not end
+])
+async def test_an_event_stream_without_bounds_is_given_up(stream: list[bytes]) -> None:
+    with pytest.raises(ValueError, match="longer than"):
+        await events_of(*stream)
 
 
 def test_cost_per_token_and_per_second() -> None:

@@ -177,27 +177,54 @@ def output_text(output: Any) -> str:
     raise ProviderError("invalid_output", f"unexpected output type {type(output).__name__}", retryable=True)
 
 
-async def server_sent_events(lines: AsyncIterable[bytes]) -> AsyncIterator[tuple[str, str]]:
-    """(event, data) of each event of a text/event-stream, read line by line as the WHATWG
-    HTML standard's "event stream interpretation" says: `field: value` lines, one leading space
-    of the value dropped, `data` lines joined with newlines, `:` comments and unknown fields
-    ignored, an event dispatched at a blank line when it has data, its type "message" unless an
-    `event` line named it. `id` and `retry` are ignored: a broken stream is not resumed (the
-    caller polls the prediction instead)."""
-    event, data = "", []
-    async for raw in lines:
-        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-        if not line:
-            if data:
-                yield event or "message", "\n".join(data)
-            event, data = "", []
-        elif not line.startswith(":"):
-            name, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if name == "data":
-                data.append(value)
-            elif name == "event":
-                event = value
+MAX_EVENT_BYTES = 1 << 18  # a line or an event longer than this is no token: the stream is given up
+
+
+async def _line_blocks(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[str]]:
+    """The complete lines of each chunk of an event stream (a chunk usually carries a whole event:
+    no Python-level read per line). Lines end at CRLF, LF or CR; a CR that ends a chunk waits for
+    the next, which may begin with the LF of a CRLF. A leading byte order mark is dropped."""
+    pending, first = b"", True
+    async for chunk in chunks:
+        pending += chunk
+        cut = max(pending.rfind(b"\n"), pending.rfind(b"\r", 0, len(pending) - 1)) + 1
+        if len(pending) - cut > MAX_EVENT_BYTES:
+            raise ValueError(f"an event stream line longer than {MAX_EVENT_BYTES} bytes")
+        if cut:
+            block, pending = pending[:cut].decode("utf-8", errors="replace"), pending[cut:]
+            if first:
+                block, first = block.removeprefix("\ufeff"), False
+            yield block.replace("\r\n", "\n").replace("\r", "\n").split("\n")[:-1]
+    if pending.endswith(b"\r"):  # the stream ended: that CR ended a line after all
+        yield pending.decode("utf-8", errors="replace").replace("\r", "\n").split("\n")[:-1]
+
+
+async def server_sent_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) of each event of a text/event-stream, read as the WHATWG HTML standard's
+    "event stream interpretation" says: `field: value` lines, one leading space of the value
+    dropped, `data` lines joined with newlines, `:` comments and unknown fields ignored, an event
+    dispatched at a blank line when it has data, its type "message" unless an `event` line named
+    it, an event cut off by the end of the stream discarded. `id` and `retry` are ignored: a
+    broken stream is not resumed (the caller polls the prediction instead). The stream may come in
+    chunks of any size; a line or an event over MAX_EVENT_BYTES raises ValueError."""
+    event, data, size = "", [], 0
+    async for lines in _line_blocks(chunks):
+        for line in lines:
+            if not line:
+                if data:
+                    yield event or "message", "\n".join(data)
+                event, data, size = "", [], 0
+            elif line[0] != ":":
+                name, _, value = line.partition(":")
+                if value[:1] == " ":
+                    value = value[1:]
+                if name == "data":
+                    data.append(value)
+                    size += len(value) + 1
+                    if size > MAX_EVENT_BYTES:
+                        raise ValueError(f"an event stream event longer than {MAX_EVENT_BYTES} bytes")
+                elif name == "event":
+                    event = value
 
 
 class ReplicateClient:
@@ -323,7 +350,7 @@ class ReplicateClient:
                                 extra={"event": "stream.broken", "prediction_id": handle.prediction_id,
                                        "error": f"HTTP {response.status} {response.content_type}"})
                     return False
-                async for event, data in server_sent_events(response.content):
+                async for event, data in server_sent_events(response.content.iter_any()):
                     if event == "output":
                         if handle.time_to_first_token_ms is None:
                             handle.time_to_first_token_ms = int((time.monotonic() - started) * 1000)
@@ -335,7 +362,7 @@ class ReplicateClient:
                         return False
                     elif event == "done":
                         return True
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: a line over aiohttp's limit
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: an event over MAX_EVENT_BYTES
             log.warning("prediction stream broke; polling instead",
                         extra={"event": "stream.broken", "prediction_id": handle.prediction_id,
                                "error": type(exc).__name__})
