@@ -1,7 +1,9 @@
-"""worker.retries.retried: tenacity decides as if it had run every attempt, and is only built once
-the first attempt failed."""
+"""worker.retries.retried: tenacity counts, waits and decides as if it had run every attempt, and
+is only built once the first attempt failed."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_fixed
@@ -67,3 +69,30 @@ async def test_what_the_policy_does_not_retry_is_raised_after_one_call() -> None
     with pytest.raises(KeyError):
         await retried(call, policy(3, [], []))
     assert len(calls) == 1
+
+
+async def test_cancelling_the_first_attempt_cancels_without_building_a_retrying() -> None:
+    calls, call = script(asyncio.CancelledError(), "never")
+    built: list[int] = []
+    with pytest.raises(asyncio.CancelledError):
+        await retried(call, policy(3, [], built))
+    assert (len(calls), built) == (1, [])
+
+
+async def test_the_policy_is_built_once_the_first_attempt_is_over() -> None:
+    """So a caller can take the first attempt's time off a time limit (Worker._store_call)."""
+    order: list[str] = []
+    calls, call = script(Flaky("1"), "ok")
+
+    async def recorded() -> object:
+        order.append("call")
+        return await call()
+
+    build = policy(2, [], [])
+
+    def recorded_build() -> AsyncRetrying:
+        order.append("build")
+        return build()
+
+    assert await retried(recorded, recorded_build) == "ok"
+    assert order == ["call", "build", "call"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -345,8 +346,10 @@ class Worker:
 
     async def _store_call(self, call: Callable[[], Awaitable[T]]) -> T:
         """Store calls are idempotent: retry them while the database is away, up to one lease."""
+        started = time.monotonic()  # the lease counts from the first attempt, not the first retry
         return await retried(call, lambda: AsyncRetrying(
-            retry=retry_if_exception_type(StoreUnavailable), stop=stop_after_delay(self.settings.worker_lease_seconds),
+            retry=retry_if_exception_type(StoreUnavailable),
+            stop=stop_after_delay(max(0.0, self.settings.worker_lease_seconds - (time.monotonic() - started))),
             wait=wait_random_exponential(multiplier=0.2, max=5), reraise=True))
 
     async def _complete(self, run: ClaimedRun, request: ModelRequest, prediction: Prediction,
