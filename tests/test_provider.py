@@ -5,6 +5,7 @@ output shapes, the event stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -310,6 +311,18 @@ async def test_server_sent_events_are_read_as_the_standard_says() -> None:
     assert await events_of(STANDARD_STREAM) == STANDARD_EVENTS
     assert await events_of(b"data: a line ended by a CR at the very end\r\r") == \
         [("message", "a line ended by a CR at the very end")]
+
+
+async def test_an_event_ended_by_a_cr_is_given_before_the_next_chunk_arrives() -> None:
+    """A CR at the end of a chunk ends the line at once: a server that ends lines with CR alone
+    does not have its tokens held back (an LF that follows in the next chunk is dropped)."""
+    async def stream() -> AsyncIterator[bytes]:
+        yield b"data: token\r\r"
+        raise AssertionError("the event waited for the next chunk")
+
+    async with contextlib.aclosing(server_sent_events(stream())) as events:
+        assert await anext(events) == ("message", "token")
+    assert await events_of(b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n") == [("message", "a\nb")]
 
 
 @examples(max_examples=200, deadline=None)

@@ -14,6 +14,7 @@ worker slot."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -177,26 +178,35 @@ def output_text(output: Any) -> str:
     raise ProviderError("invalid_output", f"unexpected output type {type(output).__name__}", retryable=True)
 
 
-MAX_EVENT_BYTES = 1 << 18  # a line or an event longer than this is no token: the stream is given up
+MAX_EVENT_SIZE = 1 << 18  # bytes of a line, characters of an event's data: more is no token, the stream is given up
 
 
 async def _line_blocks(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[str]]:
-    """The complete lines of each chunk of an event stream (a chunk usually carries a whole event:
-    no Python-level read per line). Lines end at CRLF, LF or CR; a CR that ends a chunk waits for
-    the next, which may begin with the LF of a CRLF. A leading byte order mark is dropped."""
-    pending, first = b"", True
+    """The lines that each chunk of an event stream completes (a chunk usually carries a whole
+    event: no Python-level read per line). Lines end at CRLF, LF or CR; an LF that follows a CR
+    ending the previous chunk is the rest of a CRLF. A leading byte order mark is dropped. Each
+    chunk is searched once, so a long line arriving in small pieces costs linear time."""
+    parts: list[bytes] = []  # an unfinished line
+    held, after_cr, first = 0, False, True
     async for chunk in chunks:
-        pending += chunk
-        cut = max(pending.rfind(b"\n"), pending.rfind(b"\r", 0, len(pending) - 1)) + 1
-        if len(pending) - cut > MAX_EVENT_BYTES:
-            raise ValueError(f"an event stream line longer than {MAX_EVENT_BYTES} bytes")
-        if cut:
-            block, pending = pending[:cut].decode("utf-8", errors="replace"), pending[cut:]
-            if first:
-                block, first = block.removeprefix("\ufeff"), False
-            yield block.replace("\r\n", "\n").replace("\r", "\n").split("\n")[:-1]
-    if pending.endswith(b"\r"):  # the stream ended: that CR ended a line after all
-        yield pending.decode("utf-8", errors="replace").replace("\r", "\n").split("\n")[:-1]
+        if after_cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        if not chunk:
+            continue
+        cut = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1
+        if not cut:
+            parts.append(chunk)
+            held += len(chunk)
+            if held > MAX_EVENT_SIZE:
+                raise ValueError(f"an event stream line longer than {MAX_EVENT_SIZE} bytes")
+            after_cr = False
+            continue
+        block = b"".join((*parts, chunk[:cut])).decode("utf-8", errors="replace")
+        parts, held = [chunk[cut:]], len(chunk) - cut
+        after_cr = cut == len(chunk) and chunk[-1] == 13  # 13: CR
+        if first:
+            block, first = block.removeprefix("\ufeff"), False
+        yield block.replace("\r\n", "\n").replace("\r", "\n").split("\n")[:-1]
 
 
 async def server_sent_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[tuple[str, str]]:
@@ -206,25 +216,26 @@ async def server_sent_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[tupl
     dispatched at a blank line when it has data, its type "message" unless an `event` line named
     it, an event cut off by the end of the stream discarded. `id` and `retry` are ignored: a
     broken stream is not resumed (the caller polls the prediction instead). The stream may come in
-    chunks of any size; a line or an event over MAX_EVENT_BYTES raises ValueError."""
+    chunks of any size; a line or an event over MAX_EVENT_SIZE raises ValueError."""
     event, data, size = "", [], 0
-    async for lines in _line_blocks(chunks):
-        for line in lines:
-            if not line:
-                if data:
-                    yield event or "message", "\n".join(data)
-                event, data, size = "", [], 0
-            elif line[0] != ":":
-                name, _, value = line.partition(":")
-                if value[:1] == " ":
-                    value = value[1:]
-                if name == "data":
-                    data.append(value)
-                    size += len(value) + 1
-                    if size > MAX_EVENT_BYTES:
-                        raise ValueError(f"an event stream event longer than {MAX_EVENT_BYTES} bytes")
-                elif name == "event":
-                    event = value
+    async with contextlib.aclosing(_line_blocks(chunks)) as blocks:
+        async for lines in blocks:
+            for line in lines:
+                if not line:
+                    if data:
+                        yield event or "message", "\n".join(data)
+                    event, data, size = "", [], 0
+                elif line[0] != ":":
+                    name, _, value = line.partition(":")
+                    if value[:1] == " ":
+                        value = value[1:]
+                    if name == "data":
+                        data.append(value)
+                        size += len(value) + 1
+                        if size > MAX_EVENT_SIZE:
+                            raise ValueError(f"an event stream event longer than {MAX_EVENT_SIZE} characters")
+                    elif name == "event":
+                        event = value
 
 
 class ReplicateClient:
@@ -350,19 +361,20 @@ class ReplicateClient:
                                 extra={"event": "stream.broken", "prediction_id": handle.prediction_id,
                                        "error": f"HTTP {response.status} {response.content_type}"})
                     return False
-                async for event, data in server_sent_events(response.content.iter_any()):
-                    if event == "output":
-                        if handle.time_to_first_token_ms is None:
-                            handle.time_to_first_token_ms = int((time.monotonic() - started) * 1000)
-                        text += data
-                        await on_text(text)
-                    elif event == "error":
-                        log.warning("prediction stream reported an error",
-                                    extra={"event": "stream.error", "prediction_id": handle.prediction_id})
-                        return False
-                    elif event == "done":
-                        return True
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: an event over MAX_EVENT_BYTES
+                async with contextlib.aclosing(server_sent_events(response.content.iter_any())) as events:
+                    async for event, data in events:
+                        if event == "output":
+                            if handle.time_to_first_token_ms is None:
+                                handle.time_to_first_token_ms = int((time.monotonic() - started) * 1000)
+                            text += data
+                            await on_text(text)
+                        elif event == "error":
+                            log.warning("prediction stream reported an error",
+                                        extra={"event": "stream.error", "prediction_id": handle.prediction_id})
+                            return False
+                        elif event == "done":
+                            return True
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: an event over MAX_EVENT_SIZE
             log.warning("prediction stream broke; polling instead",
                         extra={"event": "stream.broken", "prediction_id": handle.prediction_id,
                                "error": type(exc).__name__})
