@@ -1,15 +1,15 @@
 """Pipeline benchmark: closed-loop conversations against 1 or 2 `python -m worker run` processes
 answered by the Replicate simulator (its own process) at a fixed model latency.
 
-A conversation is a signed-in user with a fresh thread who inserts a message (as PostgREST does:
-one transaction with `set local role authenticated` and the JWT claims), waits for the reply and
-sends the next. The reply is noticed through a bench-only trigger on assistant_messages that
-appends reply_to to an unlogged side table, polled by sequence every few milliseconds (not
-NOTIFY: every notifying commit takes PostgreSQL's notify-queue lock, and the worker's own NOTIFYs
-already contend for it; the bench must not add to that). The latency reported is exact and taken from
-the database afterwards: commit timestamp of the reply row minus commit timestamp of the user
-message row (`track_commit_timestamp = on` in the bench cluster). The latency the client saw
-(commit acknowledged → notification received) is reported beside it."""
+A conversation is a signed-in user with a new thread that holds 25 earlier exchanges, who inserts
+a message (as PostgREST does: one transaction with `set local role authenticated` and the JWT
+claims), waits for the reply and sends the next. The reply is noticed through a bench-only trigger
+on assistant_messages that appends reply_to to an unlogged side table, polled by sequence every
+few milliseconds (not NOTIFY: every notifying commit takes PostgreSQL's notify-queue lock, and the
+worker's own NOTIFYs already contend for it; the bench must not add to that). The latency reported
+is exact and taken from the database afterwards: commit timestamp of the reply row minus commit
+timestamp of the user message row (`track_commit_timestamp = on` in the bench cluster). The
+latency the client saw (commit acknowledged → notification received) is reported beside it."""
 
 from __future__ import annotations
 
@@ -199,6 +199,10 @@ class PipelineBench:
                        asked, at + interval '2 seconds'
                   from exchange""", {"threads": threads, "users": users, "n": HISTORY_MESSAGES // 2})
             conn.commit()
+            # Now, not in the window: autovacuum would come for the new rows, and the first reads
+            # would set their hint bits.
+            conn.autocommit = True
+            conn.execute("vacuum (analyze) assistant_messages")
         return list(zip(users, threads, strict=True))
 
     # -- workers --------------------------------------------------------------------------------
