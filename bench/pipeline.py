@@ -315,6 +315,7 @@ class PipelineBench:
         waiting: dict[str, asyncio.Future[float]] = {}
         stop = asyncio.Event()
         client_samples: list[tuple[float, float]] = []  # (commit acknowledged at, latency seconds)
+        send_samples: list[tuple[float, float]] = []  # (commit acknowledged at, seconds from send to acknowledgement)
         timeouts = 0
         errors: Counter[str] = Counter()
 
@@ -375,7 +376,7 @@ class PipelineBench:
                 message_id = uuid.uuid4()
                 fut: asyncio.Future[float] = loop.create_future()
                 waiting[str(message_id)] = fut
-                sent_at[str(message_id)] = time.monotonic()
+                sent_at[str(message_id)] = sent = time.monotonic()
                 # One round trip, as PostgREST sends one request: the role and claims are local to it.
                 sql = ("begin; set local role authenticated; "
                        f"select set_config('request.jwt.claims', '{claims}', true); "
@@ -392,6 +393,7 @@ class PipelineBench:
                     await asyncio.sleep(0.05)
                     continue
                 committed = time.monotonic()
+                send_samples.append((committed, committed - sent))
                 try:
                     # A closed loop: no next message before this one's reply (however long it takes).
                     replied = await asyncio.wait_for(fut, timeout=300)
@@ -501,6 +503,7 @@ class PipelineBench:
         return {
             "_window": (window_start, window_end),
             "client_latency_ms": summary(in_window),
+            "client_send_ms": summary([d * 1000 for at, d in send_samples if mono_start <= at < mono_end]),
             "client_timeouts": timeouts,
             "client_errors": dict(errors),
             "peak_inflight_predictions": sim_stats["peak_running"],

@@ -100,6 +100,17 @@ async def test_the_users_profile_joins_the_system_prompt(db_url, simulator) -> N
             "Experience: beginner\nPreferences: {\"units\": \"metric\"}") in prompt
 
 
+async def test_a_profile_with_an_integer_beyond_64_bits_is_read_exactly(db_url, simulator) -> None:
+    # jsonb keeps any number; the worker's fast JSON parser refuses such integers and falls back.
+    user, thread = await new_user_thread(db_url)
+    await as_user(db_url, user, "insert into ai_profiles (preferences) values (%s)",
+                  ('{"lucky_number": 123456789012345678901234567890}',))
+    async with running_worker(worker_settings(simulator.base_url), db_url):
+        await say(db_url, user, thread, "Pick a number")
+        await finished_runs(db_url, 1)
+    assert 'Preferences: {"lucky_number": 123456789012345678901234567890}' in last_chat_input(simulator)["prompt"]
+
+
 def test_profiles_are_bounded_and_private(conn) -> None:
     owner, other = create_user(conn), create_user(conn)
     with request(conn, postgrest.user("o", owner), commit=True) as cur:

@@ -30,6 +30,7 @@ import aiohttp
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from worker import jsonload
 from worker.config import ModelProfile, Settings
 from worker.retries import retried
 
@@ -285,7 +286,7 @@ class ReplicateClient:
         if answer.status >= 400:
             raise error_from_response(answer)
         try:
-            prediction = json.loads(answer.body)
+            prediction = jsonload.loads(answer.body)
         except ValueError as exc:
             raise ProviderError("invalid_output", "Replicate answered with something that is not JSON", retryable=True) from exc
         if not isinstance(prediction, dict) or not isinstance(prediction.get("status"), str) \

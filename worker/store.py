@@ -14,8 +14,10 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from worker import jsonload
 
 
 class StoreUnavailable(Exception):
@@ -175,13 +177,17 @@ class PostgresStore(RunStore):
         # A short checkout timeout: while the database is away, calls fail fast (StoreUnavailable)
         # and the worker's own backoff takes over, instead of each call hanging for 30 s.
         pool = AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False, timeout=5,
-                                   kwargs={"autocommit": True, "row_factory": dict_row})
+                                   kwargs={"autocommit": True, "row_factory": dict_row}, configure=cls._configure)
         try:
             await pool.open(wait=True, timeout=open_timeout)
         except BaseException:
             await pool.close()
             raise
         return cls(pool)
+
+    @staticmethod
+    async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        set_json_loads(jsonload.loads, conn)  # json and jsonb results: histories, profiles, assistants
 
     async def close(self) -> None:
         await self.pool.close()
