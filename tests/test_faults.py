@@ -153,3 +153,26 @@ async def ready(http: httpx.AsyncClient, base: str) -> bool:
 async def not_ready(http: httpx.AsyncClient, base: str) -> bool:
     response = await http.get(f"{base}/readyz")
     return response.status_code == 503 and "database unavailable" in response.json()["reason"]
+
+
+async def test_a_migration_changing_a_functions_result_type_under_a_running_worker_costs_no_call(db_url: str) -> None:
+    # psycopg prepares a statement run five times; PostgreSQL then refuses the prepared call once the
+    # function's result type changed ("cached plan must not change result type"), on that connection
+    # until it closes. 20261123000100 changed claim_runs' so; the store prepares afresh and calls again.
+    from worker.store import PostgresStore
+
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as admin:
+        await admin.execute("create function public.probe() returns table (x jsonb) language sql as $$ select '[1]'::jsonb $$")
+        store = await PostgresStore.connect(db_url, max_size=1)
+        try:
+            for _ in range(6):
+                assert await store.call("probe", {}, rows=True) == [{"x": [1]}]
+            async with store.pool.connection() as c:
+                prepared = await (await c.execute("select count(*) as n from pg_prepared_statements")).fetchone()
+            assert prepared["n"] >= 1  # the call is prepared: the case this test is about
+            await admin.execute("drop function public.probe(); "
+                                "create function public.probe() returns table (x json) language sql as $$ select '[2]'::json $$")
+            assert await store.call("probe", {}, rows=True) == [{"x": [2]}]
+            assert await store.call("probe", {}, rows=True) == [{"x": [2]}]
+        finally:
+            await store.close()

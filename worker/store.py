@@ -198,7 +198,17 @@ class PostgresStore(RunStore):
         sql = f"select * from public.{function}({named})" if rows else f"select public.{function}({named}) as value"
         try:
             async with self.pool.connection() as conn:
-                cursor = await conn.execute(sql, params)
+                try:
+                    cursor = await conn.execute(sql, params)
+                except psycopg.errors.FeatureNotSupported as exc:
+                    if "cached plan must not change result type" not in str(exc):
+                        raise
+                    # A migration changed the function's result type since this connection
+                    # prepared the call (psycopg prepares repeated statements). Nothing ran: drop
+                    # the connection's prepared statements (psycopg forgets its own on DEALLOCATE
+                    # ALL) and call again, instead of failing on this connection until it is closed.
+                    await conn.execute("deallocate all")
+                    cursor = await conn.execute(sql, params)
                 found = await cursor.fetchall()
         except (psycopg.OperationalError, PoolTimeout) as exc:  # connection lost, server restarting
             raise StoreUnavailable(str(exc)) from exc
