@@ -421,9 +421,10 @@ class PipelineBench:
                                                              application_name="bench-monitor") as conn:
                 while True:
                     rss_series.append((time.monotonic() - started, [rss_mb(p.pid) or 0.0 for p in procs]))
-                    cur = await conn.execute("""select count(*) filter (where status = 'queued'),
-                                                       count(*) filter (where status = 'in_progress')
-                                                  from assistant_runs where status in ('queued', 'in_progress')""")
+                    # One count per status, each from its partial index: the table holds every
+                    # earlier point's runs too, and a scan of it cost PostgreSQL ~30 ms a sample.
+                    cur = await conn.execute("""select (select count(*) from assistant_runs where status = 'queued'),
+                                                      (select count(*) from assistant_runs where status = 'in_progress')""")
                     queued, in_progress = await cur.fetchone()
                     try:
                         running = (await sim.stats())["running"]
