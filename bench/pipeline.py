@@ -315,7 +315,9 @@ class PipelineBench:
         waiting: dict[str, asyncio.Future[float]] = {}
         stop = asyncio.Event()
         client_samples: list[tuple[float, float]] = []  # (commit acknowledged at, latency seconds)
-        send_samples: list[tuple[float, float]] = []  # (commit acknowledged at, seconds from send to acknowledgement)
+        # (commit acknowledged at, seconds from the decision to send to the acknowledgement: waiting for one of
+        # the client's CLIENT_POOL_MAX connections included, as a PostgREST request waits for its pool)
+        send_samples: list[tuple[float, float]] = []
         timeouts = 0
         errors: Counter[str] = Counter()
 

@@ -101,7 +101,7 @@ async def test_the_users_profile_joins_the_system_prompt(db_url, simulator) -> N
 
 
 async def test_a_profile_with_an_integer_beyond_64_bits_is_read_exactly(db_url, simulator) -> None:
-    # jsonb keeps any number; the worker's fast JSON parser refuses such integers and falls back.
+    # jsonb keeps any number; orjson alone would read this one as a float (losing digits): jsonload falls back.
     user, thread = await new_user_thread(db_url)
     await as_user(db_url, user, "insert into ai_profiles (preferences) values (%s)",
                   ('{"lucky_number": 123456789012345678901234567890}',))

@@ -6,7 +6,10 @@ orjson differs from the standard library on two kinds of valid input: it refuses
 surrogate escapes, numbers that overflow a double, NaN), and it reads integers beyond 64 bits as
 floats, losing digits (jsonb keeps any numeric, and users write their own profile preferences).
 Refusals are read again with the standard library; so is any document with a run of 19 or more
-digits (every integer orjson reads exactly has fewer), found with one translate and one find."""
+digits, found with one translate and one find: an integer beyond 64 bits has at least 20 digits
+(19 after a minus sign), and the margin costs only a slower read of a document that has such a
+run (in a string, say). Text (str) goes to the standard library as it is: orjson would read it
+differently (a leading BOM, lone surrogates), and the hot paths hand over bytes."""
 
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ _LONG_NUMBER = b"0" * 19
 
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
-    raw = data.encode() if isinstance(data, str) else bytes(data)
+    if isinstance(data, str):
+        return json.loads(data)
+    raw = bytes(data)
     if raw.translate(_DIGITS_AS_ZERO).find(_LONG_NUMBER) < 0:
         try:
             return orjson.loads(raw)

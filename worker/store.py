@@ -201,7 +201,7 @@ class PostgresStore(RunStore):
                 try:
                     cursor = await conn.execute(sql, params)
                 except psycopg.errors.FeatureNotSupported as exc:
-                    if "cached plan must not change result type" not in str(exc):
+                    if exc.diag.source_function != "RevalidateCachedQuery":  # whatever lc_messages says
                         raise
                     # A migration changed the function's result type since this connection
                     # prepared the call (psycopg prepares repeated statements). Nothing ran: drop

@@ -5,7 +5,9 @@
 -- 0.20 ms as json. Nothing reads the history in SQL; the worker only parses it.
 --
 -- A function's result type cannot be changed in place: it is dropped and created again in one
--- transaction (a claim waiting on it meanwhile simply runs the new one), with its grants.
+-- transaction, with its grants. Calls take no lock on a function: until the migration commits,
+-- claims run the old one. A worker that prepared the call before meets "cached plan must not
+-- change result type" once per pooled connection and calls again (worker/store.py).
 
 drop function public.claim_runs(text, integer, integer, text, text);
 
