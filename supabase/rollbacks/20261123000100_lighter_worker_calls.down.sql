@@ -1,14 +1,11 @@
--- claim_runs returns each run's history as json instead of jsonb: same arguments, same rows, the
--- same JSON. Built with json_agg/json_build_object, the history is text PostgreSQL writes once;
--- as jsonb it was built in binary form (keys sorted and deduplicated) and then printed again.
--- Measured on 50-message histories: about 0.27 ms of database CPU per claimed run as jsonb,
--- 0.20 ms as json. Nothing reads the history in SQL; the worker only parses it.
---
--- A function's result type cannot be changed in place: it is dropped and created again in one
--- transaction, with its grants. Calls take no lock on a function: until the migration commits,
--- claims run the old one. A worker that prepared the call before meets "cached plan must not
--- change result type" once per pooled connection and calls again (worker/store.py).
-
+-- Rolls back 20261123000100_lighter_worker_calls.sql: claim_runs returns the history as jsonb
+-- again, with the body of 20261122000600 (which 20261122000400's rollback then drops), and
+-- complete_run and complete_runs plan as PostgreSQL decides again.
+begin;
+alter function public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer, jsonb,
+                                   jsonb, jsonb, integer)
+  reset plan_cache_mode;
+alter function public.complete_runs(jsonb) reset plan_cache_mode;
 drop function public.claim_runs(text, integer, integer, text, text);
 
 create function public.claim_runs(
@@ -28,7 +25,7 @@ returns table (
   content text,
   image_url text,
   message_created_at timestamptz,
-  history json,
+  history jsonb,
   plan_id text,
   uses_own_key boolean,
   assistant jsonb,
@@ -118,7 +115,7 @@ begin
   select r.id, r.message_id, r.thread_id, r.user_id, r.attempts, r.max_attempts,
          m.content, m.image_url, m.created_at,
          coalesce((
-           select json_agg(json_build_object('role', h.role, 'content', h.content, 'image_url', h.image_url)
+           select jsonb_agg(jsonb_build_object('role', h.role, 'content', h.content, 'image_url', h.image_url)
                             order by h.created_at, h.id)
              from (
                select e.role, e.content, e.image_url, e.created_at, e.id
@@ -129,7 +126,7 @@ begin
                 order by e.created_at desc, e.id desc
                 limit 50
              ) h
-         ), '[]'::json),
+         ), '[]'::jsonb),
          p.id, p.uses_own_key,
          (select to_jsonb(a) - 'created_at' - 'updated_at' from public.assistants a
            where a.id = coalesce(t.assistant_id, public.default_assistant_id())),
@@ -147,7 +144,7 @@ begin
   -- already finished (blocked) and carry nothing to work on.
   return query
   select r.id, r.message_id, r.thread_id, r.user_id, r.attempts, r.max_attempts, null::text, null::text,
-         null::timestamptz, '[]'::json, null::text, false, null::jsonb, null::jsonb, r.last_error_code
+         null::timestamptz, '[]'::jsonb, null::text, false, null::jsonb, null::jsonb, r.last_error_code
     from public.assistant_runs r
    where r.id = any(blocked);
 end
@@ -155,3 +152,5 @@ $$;
 
 revoke execute on function public.claim_runs(text, integer, integer, text, text) from public, anon, authenticated;
 grant execute on function public.claim_runs(text, integer, integer, text, text) to service_role;
+delete from supabase_migrations.schema_migrations where version = '20261123000100';
+commit;

@@ -1,6 +1,27 @@
--- Rolls back 20261123000100_claim_history_as_json.sql: claim_runs returns the history as jsonb
--- again, with the body of 20261122000600 (which 20261122000400's rollback then drops).
-begin;
+-- Less database work per worker call, same results.
+--
+-- 1. claim_runs returns each run's history as json instead of jsonb: same arguments, same rows,
+--    the same JSON. Built with json_agg/json_build_object, the history is text PostgreSQL writes
+--    once; as jsonb it was built in binary form (keys sorted and deduplicated) and then printed
+--    again. Measured on 50-message histories: about 0.27 ms of database CPU per claimed run as
+--    jsonb, 0.20 ms as json. Nothing reads the history in SQL; the worker only parses it.
+-- 2. A claim with nothing due returns after two index probes. Every wake-up reaches every worker,
+--    so with N workers a message costs N claims, N-1 of them empty; an empty claim went through
+--    every statement of the function (measured: 0.61 ms of database CPU, now 0.1 ms).
+-- 3. claim_runs, complete_run and complete_runs plan their statements once per session
+--    (plan_cache_mode = force_generic_plan). PL/pgSQL statements that use the function's
+--    arguments are planned for each call while PostgreSQL judges the generic plan dearer than
+--    one planned for the values (a LIMIT taken from p_limit, say), and for these statements it
+--    always did: planning cost 0.3-0.4 ms of database CPU per claim call and 0.1 ms per
+--    complete_run. The generic plans are the same index scans (checked with a backlog of 100,000
+--    queued runs beside 200,000 finished ones). Measured, a whole message (insert, claim,
+--    completion): -15% database CPU one at a time, -8% in batches of 4, -5% in batches of 16.
+--
+-- A function's result type cannot be changed in place: it is dropped and created again in one
+-- transaction, with its grants. Calls take no lock on a function: until the migration commits,
+-- claims run the old one. A worker that prepared the call before meets "cached plan must not
+-- change result type" once per pooled connection and calls again (worker/store.py).
+
 drop function public.claim_runs(text, integer, integer, text, text);
 
 create function public.claim_runs(
@@ -20,7 +41,7 @@ returns table (
   content text,
   image_url text,
   message_created_at timestamptz,
-  history jsonb,
+  history json,
   plan_id text,
   uses_own_key boolean,
   assistant jsonb,
@@ -29,6 +50,7 @@ returns table (
 )
 language plpgsql
 set search_path = ''
+set plan_cache_mode = force_generic_plan
 as $$
 declare
   stale uuid;
@@ -42,6 +64,14 @@ begin
   end if;
   if p_lease_seconds is null or p_lease_seconds < 5 or p_lease_seconds > 3600 then
     raise exception 'p_lease_seconds must be between 5 and 3600 (got %)', p_lease_seconds using errcode = '22023';
+  end if;
+
+  -- Nothing due: two index probes, not the whole claim. (A run another claim has locked and not
+  -- yet committed still counts as due here; the claim below then skips it.)
+  if not exists (select 1 from public.assistant_runs r where r.status = 'queued' and r.next_attempt_at <= now())
+     and not exists (select 1 from public.assistant_runs r
+                      where r.status = 'in_progress' and r.lease_expires_at <= now()) then
+    return;
   end if;
 
   -- Runs whose worker died: on their last attempt they fail; if their user asked to cancel
@@ -110,7 +140,7 @@ begin
   select r.id, r.message_id, r.thread_id, r.user_id, r.attempts, r.max_attempts,
          m.content, m.image_url, m.created_at,
          coalesce((
-           select jsonb_agg(jsonb_build_object('role', h.role, 'content', h.content, 'image_url', h.image_url)
+           select json_agg(json_build_object('role', h.role, 'content', h.content, 'image_url', h.image_url)
                             order by h.created_at, h.id)
              from (
                select e.role, e.content, e.image_url, e.created_at, e.id
@@ -121,7 +151,7 @@ begin
                 order by e.created_at desc, e.id desc
                 limit 50
              ) h
-         ), '[]'::jsonb),
+         ), '[]'::json),
          p.id, p.uses_own_key,
          (select to_jsonb(a) - 'created_at' - 'updated_at' from public.assistants a
            where a.id = coalesce(t.assistant_id, public.default_assistant_id())),
@@ -139,7 +169,7 @@ begin
   -- already finished (blocked) and carry nothing to work on.
   return query
   select r.id, r.message_id, r.thread_id, r.user_id, r.attempts, r.max_attempts, null::text, null::text,
-         null::timestamptz, '[]'::jsonb, null::text, false, null::jsonb, null::jsonb, r.last_error_code
+         null::timestamptz, '[]'::json, null::text, false, null::jsonb, null::jsonb, r.last_error_code
     from public.assistant_runs r
    where r.id = any(blocked);
 end
@@ -147,5 +177,8 @@ $$;
 
 revoke execute on function public.claim_runs(text, integer, integer, text, text) from public, anon, authenticated;
 grant execute on function public.claim_runs(text, integer, integer, text, text) to service_role;
-delete from supabase_migrations.schema_migrations where version = '20261123000100';
-commit;
+
+alter function public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer, jsonb,
+                                   jsonb, jsonb, integer)
+  set plan_cache_mode = force_generic_plan;
+alter function public.complete_runs(jsonb) set plan_cache_mode = force_generic_plan;
