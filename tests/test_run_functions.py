@@ -212,6 +212,18 @@ def test_the_hot_worker_functions_plan_their_statements_once_per_session(conn) -
         assert "plan_cache_mode=force_generic_plan" in config, name
 
 
+def test_a_cancelled_run_whose_worker_died_ends_cancelled_at_the_next_claim(conn, owner, thread) -> None:
+    # Nothing queued, one lease expired with attempts left and a cancel requested: the claim must
+    # not take the short way out, and must not hand the run out again either.
+    say(conn, owner, thread)
+    [run] = claim(conn, "w1")
+    conn.execute("update assistant_runs set cancel_requested_at = now() where id = %s", (run["run_id"],))
+    expire_lease(conn, run["run_id"])
+    assert claim(conn, "w2") == []
+    row = run_row(conn, run["run_id"])
+    assert row["status"] == "cancelled" and row["lease_owner"] is None
+
+
 def test_release_gives_the_attempt_back(conn, owner, thread) -> None:
     say(conn, owner, thread)
     [run] = claim(conn, "w1")
