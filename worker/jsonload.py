@@ -1,6 +1,6 @@
 """JSON parsing on the worker's hot paths (claimed histories from PostgreSQL, Replicate's
-answers): orjson, about eight times faster than the standard library on a 50-message history,
-with the standard library's results.
+answers): orjson, with the standard library's results. On a 50-message history it takes 21 µs
+against the standard library's 108, the digit check below included (orjson alone: 13 µs).
 
 orjson differs from the standard library on two kinds of valid input: it refuses some (lone
 surrogate escapes, numbers that overflow a double, NaN), and it reads integers beyond 64 bits as
