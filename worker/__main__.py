@@ -63,6 +63,7 @@ def _database_url(settings: Settings) -> str | None:
 
 async def _run_async(settings: Settings, database_url: str | None) -> None:
     from worker.app import serve
+    from worker.gctune import tune_gc
     from worker.simulator import ReplicateSimulator
 
     simulator = None
@@ -73,6 +74,7 @@ async def _run_async(settings: Settings, database_url: str | None) -> None:
                                                "replicate_api_token": SecretStr("simulated")})
         log.info("REPLICATE_API_TOKEN is not set: answering with the local Replicate simulator",
                  extra={"event": "simulator.started", "base_url": base_url})
+    tune_gc()
     try:
         await serve(settings, database_url)
     finally:
