@@ -252,6 +252,23 @@ async def test_shutdown_past_the_grace_period_releases_the_run_and_cancels_the_p
     assert prediction.canceled_at is not None
 
 
+async def test_a_run_in_flight_does_not_hold_its_history(db_url, simulator) -> None:
+    """The history is read for the prompt only: a run waiting seconds for its prediction, times
+    the runs in flight, does not keep 50 messages as Python objects."""
+    user, thread = await new_user_thread(db_url)
+    settings = worker_settings(simulator.base_url, worker_shutdown_grace_seconds=0.2, replicate_prefer_wait_seconds=1)
+    async with running_worker(settings, db_url) as worker:
+        await say(db_url, user, thread, "an earlier question")
+        await finished_runs(db_url, 1)
+        simulator.latency = 30
+        await say(db_url, user, thread, "a slow one")
+        await wait_until(lambda: asyncio.sleep(0, len(simulator.creates) == 2), what="the second prediction")
+        [task] = worker.inflight.values()
+        run = task.get_coro().cr_frame.f_locals["run"]
+        assert run.content == "a slow one" and run.history == []
+    assert "an earlier question" in simulator.creates[-1].body["input"]["prompt"]
+
+
 async def test_graceful_shutdown_finishes_work_in_flight(db_url, simulator) -> None:
     simulator.latency = 0.5
     user, thread = await new_user_thread(db_url)

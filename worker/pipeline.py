@@ -262,6 +262,9 @@ class Worker:
                 request = build_request(self.settings, run.history, run.content, image, assistant=assistant,
                                         profile=run.profile, knowledge=knowledge,
                                         actions=[ActionSpec(t.name, t.description) for t in self.actions.types.values()])
+                # Only the prompt needed the history (50 messages as Python objects, about 20 KB): not
+                # held for the seconds the prediction takes, times the runs in flight.
+                run.history.clear()  # the run owns this list (ClaimedRun.from_row copies it)
                 token = await self.user_tokens.token_for(run.user_id) if run.uses_own_key else None
                 relay = (ReplyRelay(self.publisher, run.thread_id, run.run_id, run.message_id,
                                     self.settings.stream_publish_interval_ms / 1000) if self.publisher else None)
