@@ -40,7 +40,8 @@ def test_worker_run_freezes_the_start_up_heap_and_collects_young_objects_less_of
                          env={"PATH": "/usr/bin:/bin", "DATABASE_URL": "postgresql://127.0.0.1:9/none"})
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["before"]["frozen"] == 0 and result["before"]["threshold"][0] == 700
-    assert result["during"]["threshold"] == [GC_YOUNG_THRESHOLD, 10, 10]
+    assert result["before"]["frozen"] == 0 and result["before"]["threshold"][0] < GC_YOUNG_THRESHOLD
+    assert result["during"]["threshold"][0] == GC_YOUNG_THRESHOLD
+    assert result["during"]["threshold"][1:] == result["before"]["threshold"][1:]  # older generations as they were
     assert result["during"]["frozen"] > 10_000  # modules, classes, functions of the loaded worker
-    assert result["during"]["collected"] >= 2
+    assert result["during"]["collected"] >= 2  # objects made after the freeze are not frozen

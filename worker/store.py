@@ -38,7 +38,7 @@ class ClaimedRun:
     max_attempts: int
     content: str
     image_url: str | None
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]]  # emptied by the worker once the prompt is built (Worker._process)
     plan_id: str = "free"
     uses_own_key: bool = False
     assistant: dict[str, Any] | None = None
