@@ -45,3 +45,18 @@ def test_worker_run_freezes_the_start_up_heap_and_collects_young_objects_less_of
     assert result["during"]["threshold"][1:] == result["before"]["threshold"][1:]  # older generations as they were
     assert result["during"]["frozen"] > 10_000  # modules, classes, functions of the loaded worker
     assert result["during"]["collected"] >= 2  # objects made after the freeze are not frozen
+
+
+def test_the_metrics_show_the_collector_and_the_processs_memory() -> None:
+    """What an operator watches to see the tuning at work and memory stay flat."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from worker.observability import Metrics
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(generate_latest(Metrics().registry).decode())
+               for s in family.samples}
+    assert samples[("process_resident_memory_bytes", ())] > 10_000_000
+    assert samples[("process_open_fds", ())] > 0
+    assert {("python_gc_collections_total", (("generation", g),)) for g in "012"} <= samples.keys()

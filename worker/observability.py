@@ -14,7 +14,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
+                               ProcessCollector, generate_latest)
 
 log = logging.getLogger("worker.observability")
 
@@ -27,6 +28,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The process's own: resident memory, CPU, open descriptors; the garbage collector's runs
+        # per generation (worker/gctune.py) and what they found.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
         self.claimed = Counter("assistant_runs_claimed", "Runs claimed by this worker", registry=r)
         self.completed = Counter("assistant_runs_completed", "Runs completed with a reply", ["model"], registry=r)
         self.failed = Counter("assistant_run_attempts_failed", "Attempts that failed, by error code",
