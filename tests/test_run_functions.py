@@ -194,11 +194,11 @@ def test_a_claim_with_nothing_due_changes_nothing(conn, owner, thread) -> None:
     say(conn, owner, thread)
     [held, later] = claim(conn, "w1", limit=2)
     assert fail(conn, later, "rate_limited", p_retry_in_seconds=600) == "queued"
-    before = conn.execute("select id, status, attempts, lease_owner, lease_expires_at, next_attempt_at, updated_at"
-                          " from assistant_runs order by id").fetchall()
+    state = ("select id, status, attempts, lease_owner, lease_expires_at, next_attempt_at, updated_at"
+             " from assistant_runs order by id")
+    before = conn.execute(state).fetchall()
     assert claim(conn, "w2") == []
-    assert conn.execute("select id, status, attempts, lease_owner, lease_expires_at, next_attempt_at, updated_at"
-                        " from assistant_runs order by id").fetchall() == before
+    assert conn.execute(state).fetchall() == before
     assert run_row(conn, held["run_id"])["lease_owner"] == "w1"
 
 
