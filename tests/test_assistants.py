@@ -88,6 +88,35 @@ def test_assistants_offered_and_their_guided_questions(conn) -> None:
         cur.execute("select * from assistants")
 
 
+def test_a_thread_moves_only_to_an_assistant_the_user_is_offered(conn) -> None:
+    q = lambda sql, *p: conn.execute(sql, p).fetchone()[0]  # noqa: E731
+    members = q("insert into assistants (slug, name, offered_to) values ('pro2', 'Pro', 'members') returning id")
+    hidden = q("insert into assistants (slug, name, is_active) values ('old2', 'Old', false) returning id")
+    retired = q("insert into assistants (slug, name) values ('retired', 'Retired') returning id")
+    member, guest = create_user(conn), create_user(conn, is_anonymous=True)
+    guest_thread = q("insert into assistant_threads (user_id) values (%s) returning id", guest)
+    member_thread = q("insert into assistant_threads (user_id, assistant_id) values (%s, %s) returning id", member, retired)
+    move = "update assistant_threads set assistant_id = %s where id = %s returning assistant_id"
+    as_guest, as_member = postgrest.user("g", guest, is_anonymous=True), postgrest.user("m", member)
+    for actor, target, thread in [(as_guest, members, guest_thread), (as_guest, hidden, guest_thread),
+                                  (as_member, hidden, member_thread)]:
+        with request(conn, actor) as cur, pytest.raises(psycopg.errors.InsufficientPrivilege, match="not offered to you"):
+            cur.execute(move, (target, thread))
+    with request(conn, as_member, commit=True) as cur:
+        assert cur.execute(move, (members, member_thread)).fetchone() == (members,)
+    with request(conn, as_guest, commit=True) as cur:  # no assistant means the default one
+        assert cur.execute(move, (None, guest_thread)).fetchone() == (None,)
+    # An assistant withdrawn after the thread began does not lock the thread: it can still be
+    # renamed and archived, and moved to an offered assistant.
+    conn.execute("update assistant_threads set assistant_id = %s where id = %s", (retired, member_thread))
+    conn.execute("update assistants set is_active = false where id = %s", (retired,))
+    with request(conn, as_member, commit=True) as cur:
+        cur.execute("update assistant_threads set title = 'Old chat', archived_at = now() where id = %s", (member_thread,))
+        assert cur.rowcount == 1
+        assert cur.execute(move, (members, member_thread)).fetchone() == (members,)
+    conn.execute("update assistant_threads set assistant_id = %s where id = %s", (hidden, guest_thread))  # the service role may
+
+
 async def test_the_users_profile_joins_the_system_prompt(db_url, simulator) -> None:
     user, thread = await new_user_thread(db_url)
     await as_user(db_url, user, "insert into ai_profiles (goals, experience_level, preferences) values (%s, %s, %s)",
