@@ -190,6 +190,11 @@ def test_attachment_bucket_policies(conn) -> None:
     assert storage_rows(conn, anon, select, (path,)) == 0
     assert storage_rows(conn, as_other, "delete from storage.objects where name = %s", (path,)) == 0
     assert storage_rows(conn, as_other, "update storage.objects set metadata = '{}' where name = %s", (path,)) == 0
+    # the owner cannot move (rename) their object into another user's folder
+    assert storage_rows(conn, as_owner, "update storage.objects set name = %s where name = %s",
+                        (f"{other}/moved.png", path)) == "denied"
+    assert storage_rows(conn, as_owner, "update storage.objects set name = %s where name = %s",
+                        (f"{owner}/renamed.png", path)) == 1
     upload = "insert into storage.objects (bucket_id, name, owner) values ('chat-attachments', %s, %s)"
     assert storage_rows(conn, as_other, upload, (f"{owner}/planted.png", other)) == "denied"
     assert storage_rows(conn, as_other, upload, (f"{other}/own.png", other)) == 1

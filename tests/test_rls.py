@@ -154,10 +154,12 @@ def test_users_cannot_forge_server_messages(world: World, role: str) -> None:
              (world.thread, role), "clients may only write messages with role 'user'")
 
 
-def test_users_cannot_write_a_reply_link_or_reply_numbers(world: World) -> None:
+@pytest.mark.parametrize("column", ["reply_to", "model", "token_count", "latency_ms"])
+def test_users_cannot_write_a_reply_link_or_reply_numbers(world: World, column: str) -> None:
+    value = {"reply_to": world.message, "model": "gpt", "token_count": 1, "latency_ms": 1}[column]
     _refused(world, world.actor("owner"),
-             "insert into assistant_messages (thread_id, role, content, model) values (%s, 'user', 'x', 'gpt')",
-             (world.thread,), "set by the server")
+             f"insert into assistant_messages (thread_id, role, content, {column}) values (%s, 'user', 'x', %s)",
+             (world.thread, value), "reply_to, token_count, model and latency_ms are set by the server")
 
 
 def test_users_cannot_write_into_another_users_thread(world: World) -> None:
@@ -183,7 +185,7 @@ def test_users_cannot_give_a_thread_away_or_touch_server_columns(world: World) -
     for assignment in ("user_id = %(other)s", "last_message_at = now() - interval '1 day'", "created_at = now()"):
         _refused(world, world.actor("owner"),
                  f"update assistant_threads set {assignment} where id = %(thread)s", world.params,
-                 "only title and archived_at of a thread can be changed")
+                 "only the title, archived_at and assistant_id of a thread can be changed")
 
 
 def test_archived_threads_take_no_new_messages(world: World) -> None:

@@ -71,6 +71,7 @@ CASES: list[tuple[str, str, tuple]] = [
     ("ai_profiles", "select * from ai_profiles where user_id = %(owner)s", (1, 0, D, 1)),
     ("ai_profiles", "insert into ai_profiles (user_id) values (%(other)s)", (D, 1, D, 1)),
     ("ai_profiles", "update ai_profiles set experience_level = 'x' where user_id = %(owner)s", (1, 0, D, 1)),
+    ("ai_profiles", "update ai_profiles set user_id = %(other)s where user_id = %(owner)s", (D, 0, D, 1)),
     ("ai_profiles", "delete from ai_profiles where user_id = %(owner)s", (1, 0, D, 1)),
     ("kb_documents", "select * from kb_documents where id = %(document)s", (D, D, D, 1)),
     ("kb_documents", "insert into kb_documents (source, title, content_hash) values ('b.md', 'B', 'h')", (D, D, D, 1)),

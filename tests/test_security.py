@@ -27,10 +27,11 @@ from worker.provider import ProviderError, ReplicateClient
 
 # What app clients may execute; everything else in `public` is service-only. Pure helpers and
 # trigger functions are listed so that a new function has to be placed deliberately.
+PURE_FUNCTIONS = {"ai_refusal_text", "ai_window_start", "ai_window_end", "assistant_failure_text", "assistant_is_client"}
 CLIENT_FUNCTIONS = {
     "my_ai_usage", "my_replicate_token_status", "set_my_replicate_token", "cancel_run",  # the client API
     "default_assistant_id",  # the column default of assistant_threads.assistant_id
-    "ai_refusal_text", "ai_window_start", "ai_window_end", "assistant_failure_text", "assistant_is_client",  # pure
+    *PURE_FUNCTIONS,
 }
 TRIGGER_ONLY = "trigger"
 
@@ -45,7 +46,58 @@ def test_clients_can_execute_only_the_client_api(conn: psycopg.Connection) -> No
     anon_callable = {r[0] for r in conn.execute(
         "select p.proname from pg_proc p where p.pronamespace = 'public'::regnamespace"
         " and has_function_privilege('anon', p.oid, 'execute') and p.prorettype <> 'trigger'::regtype")}
-    assert not anon_callable & {"my_ai_usage", "my_replicate_token_status", "set_my_replicate_token"}
+    assert anon_callable == PURE_FUNCTIONS  # the client API is for signed-in users
+
+
+def service_only_functions(conn: psycopg.Connection) -> list[tuple[str, str]]:
+    """(name, a call of it with a typed NULL for each argument) for every function in `public`
+    outside the client API."""
+    rows = conn.execute("""
+        select p.proname, p.provariadic <> 0,
+               array(select format_type(t, null) from unnest(p.proargtypes::oid[]) t)
+          from pg_proc p
+         where p.pronamespace = 'public'::regnamespace and p.prokind = 'f' and p.prorettype <> 'trigger'::regtype
+         order by 1""").fetchall()
+    calls = []
+    for name, variadic, types in rows:
+        if name in CLIENT_FUNCTIONS:
+            continue
+        args = [f"null::{t}" for t in types]
+        if variadic:
+            args[-1] = "variadic " + args[-1]
+        calls.append((name, f"select public.{name}({', '.join(args)})"))
+    return calls
+
+
+def test_no_client_can_call_a_service_only_function(conn: psycopg.Connection) -> None:
+    # As PostgREST would run `POST /rpc/<name>`: the call itself, not only the catalog's grants.
+    calls = service_only_functions(conn)
+    names = {name for name, _ in calls}
+    assert {"claim_runs", "complete_runs", "finish_action_request", "apply_profile_preferences", "attachment_object",
+            "admit_request", "kb_upsert_document", "match_kb_chunks"} <= names
+    user = create_user(conn)
+    allowed = []
+    for actor in (postgrest.anon(), postgrest.user("u", user)):
+        for name, call in calls:
+            with request(conn, actor) as cur:
+                try:
+                    with conn.transaction():
+                        cur.execute(call)
+                except psycopg.errors.InsufficientPrivilege as refusal:
+                    assert refusal.diag.message_primary == f"permission denied for function {name}"
+                    continue
+                allowed.append((actor.name, name))
+    assert allowed == []
+
+
+def test_every_security_definer_function_pins_its_search_path(conn: psycopg.Connection) -> None:
+    # A security definer function runs with its owner's rights; without a fixed search_path a
+    # caller could put objects of their own in front of the ones it means.
+    loose = [r[0] for r in conn.execute(
+        "select p.oid::regprocedure::text from pg_proc p where p.pronamespace = 'public'::regnamespace and p.prosecdef"
+        " and not exists (select 1 from unnest(coalesce(p.proconfig, '{}')) c where starts_with(c, 'search_path='))")]
+    assert conn.execute("select count(*) from pg_proc where pronamespace = 'public'::regnamespace and prosecdef").fetchone()[0] > 0
+    assert loose == []
 
 
 def test_trigger_functions_cannot_be_called_directly(conn: psycopg.Connection, owner) -> None:

@@ -154,6 +154,24 @@ def test_only_the_threads_owner_may_join_its_broadcast_topic(conn) -> None:
         assert cur.execute("select count(*) from realtime.messages").fetchone()[0] == 0
 
 
+def test_no_client_may_send_on_a_threads_broadcast_topic(conn) -> None:
+    # Realtime authorizes a client's send on a private channel by an insert into realtime.messages
+    # under the client's role and claims (rolled back): with no insert policy, nobody but the
+    # service role can put words in the assistant's mouth, not even the thread's owner.
+    owner, other = create_user(conn), create_user(conn)
+    thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (owner,)).fetchone()[0]
+    topic = f"thread:{thread}"
+    forge = ("insert into realtime.messages (topic, extension, event, payload, private)"
+             " values (%s, 'broadcast', 'reply_delta', '{\"delta\": \"forged\"}', true)")
+    for actor in (postgrest.user("o", owner), postgrest.user("x", other), postgrest.anon()):
+        with request(conn, actor) as cur, pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            cur.execute("select set_config('realtime.topic', %s, true)", (topic,))
+            cur.execute(forge, (topic,))
+    with request(conn, postgrest.service()) as cur:
+        cur.execute(forge, (topic,))
+        assert cur.rowcount == 1
+
+
 @pytest.mark.parametrize(("text", "visible"), [
     ("Hello", "Hello"), ("Hello <", "Hello "), ("Hello <<fol", "Hello "), ("Hi\n<<follow-ups>>\n1. More?", "Hi\n"),
     ('Sure <<action>> {"type": "x"}', "Sure "), ("a << b", "a << b"),

@@ -76,6 +76,7 @@ CASES = [
      (), 1, 0, "denied", 1),
     ("insert into user_ai_settings (user_id) values (%(other)s)", (), "denied", "denied", "denied", "unique"),
     ("delete from user_ai_settings where user_id = %(owner)s", (), "denied", "denied", "denied", 1),
+    ("update user_ai_settings set user_id = %(other)s where user_id = %(owner)s", (), "denied", 0, "denied", "unique"),
     # admission counted messages and requests in 4 windows: 4 rows of ai_usage_windows, 8 counters used
     ("select * from ai_usage_windows where user_id = %(owner)s", (), 4, 0, "denied", 4),
     ("select * from ai_usage_counters where user_id = %(owner)s", (), 8, 0, "denied", 8),
@@ -89,6 +90,7 @@ CASES = [
     ("select * from ai_feedback where id = %(feedback)s", (), 1, 0, "denied", 1),
     ("update ai_feedback set rating = -1 where id = %(feedback)s", (), 1, 0, "denied", 1),
     ("delete from ai_feedback where id = %(feedback)s", (), 1, 0, "denied", 1),
+    ("update ai_feedback set user_id = %(other)s where id = %(feedback)s", (), "denied", 0, "denied", 1),
     ("select * from ai_usage_daily", (), "denied", "denied", "denied", 0),
     ("select * from ai_usage_monthly", (), "denied", "denied", "denied", 0),
     ("select * from ai_usage_today", (), "denied", "denied", "denied", 0),
