@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tests import postgrest
 from tests.pipeline_helpers import finished_runs, new_user_thread, query, say, wait_until
 from tests.postgrest import create_user, request
-from tests.replicate_stub import ReplicateStub
+from tests.replicate_stub import Reply, ReplicateStub
 from tests.supabase_emulator import SupabaseEmulator
 from tests.test_supabase_transport import start_worker, stop_worker, supabase_settings
 from worker.app import replicate_http
@@ -197,6 +197,48 @@ def test_malformed_replicate_answers_become_error_codes(status, body, retry_afte
     asyncio.run(scenario())
 
 
+sse_events = st.lists(st.tuples(st.sampled_from(["output", "error", "done", "message", "", "weird"]),
+                                st.text(max_size=40)), max_size=8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(events=sse_events, raw=st.one_of(st.none(), st.text(max_size=200)), final=prediction_bodies,
+       stream_status=st.sampled_from([200, 404, 500]))
+def test_malformed_prediction_streams_become_error_codes(events, raw, final, stream_status) -> None:
+    """The streamed path: a create that hands out a stream URL, then an event stream with any
+    events (or any text at all), then a final read of any body."""
+    def event(name: str, data: str) -> str:
+        return (f"event: {name}\n" if name else "") + "".join(f"data: {line}\n" for line in data.splitlines() or [""]) + "\n"
+
+    async def scenario() -> None:
+        async with ReplicateStub() as stub:
+            s = Settings(replicate_api_token="r8_test", replicate_base_url=stub.base_url,
+                         replicate_max_http_retries=0, prediction_timeout_seconds=0.05, replicate_max_creates_per_minute=0)
+            created = {"id": "p1", "status": "starting", "output": None,
+                       "urls": {"get": f"{stub.base_url}/v1/predictions/p1", "stream": f"{stub.base_url}/v1/streams/p1",
+                                "cancel": f"{stub.base_url}/v1/predictions/p1/cancel"}}
+            stub.post(r".*/predictions").respond(201, json=created)
+            body = raw if raw is not None else "".join(event(name, data) for name, data in events)
+            stub.get("/v1/streams/p1").always(Reply(stream_status, text=body, headers={"Content-Type": "text/event-stream"}))
+            stub.get("/v1/predictions/p1").respond(200, json=final)
+            stub.post(r".*/cancel").respond(200, json={})
+            texts: list[str] = []
+
+            async def on_text(text: str) -> None:
+                texts.append(text)
+
+            async with replicate_http(s) as http:
+                try:
+                    result = await ReplicateClient(http, s).predict(DEFAULT_CHAT_MODEL, {"prompt": "hi"}, on_text=on_text)
+                except ProviderError as error:
+                    assert error.code and error.message
+                    return
+        assert isinstance(result.text, str) and result.text.strip()
+        assert all(isinstance(text, str) for text in texts)
+
+    asyncio.run(scenario())
+
+
 # -- malformed Realtime frames never crash the worker ------------------------------------------
 GARBAGE_FRAMES = [
     "not json at all", "[]", "null", '{"event": "postgres_changes"}',
@@ -213,15 +255,19 @@ async def test_malformed_realtime_frames_do_not_crash_the_worker(db_url, simulat
     emulator = SupabaseEmulator(db_url)
     await emulator.start()
     user, thread = await new_user_thread(db_url)
-    worker, task, http = await start_worker(supabase_settings(simulator, emulator))
+    # No periodic sweep: the message must be answered through the same Realtime session.
+    worker, task, http = await start_worker(supabase_settings(simulator, emulator, worker_sweep_interval_seconds=3600))
     try:
         await wait_until(lambda: live(worker), what="the subscription")
+        sockets = list(emulator.sockets)
+        assert sockets
         for frame in GARBAGE_FRAMES:
-            for socket in list(emulator.sockets):
+            for socket in sockets:
                 await socket.send_str(frame)
         await say(db_url, user, thread, "still there?")
         [run] = await finished_runs(db_url, 1, timeout=30)
         assert not task.done()  # the worker is still running
+        assert worker.wakeups.live and worker.wakeups.rebuilds == 0  # on the session that took the frames
     finally:
         await stop_worker(worker, task, http)
         await emulator.stop()
