@@ -63,6 +63,7 @@ async def test_cancelling_during_the_prediction_cancels_it_at_replicate(db_url, 
     # Read after the worker stopped: the database shows the cancellation a moment before the
     # worker's own bookkeeping does.
     assert worker.counts["cancelled"] == 1
+    assert worker.metrics.registry.get_sample_value("assistant_runs_cancelled_total") == 1
     [prediction] = simulator.predictions.values()
     assert prediction.canceled_at is not None
     assert await query(db_url, "select * from assistant_messages where reply_to = %s", (message,)) == []

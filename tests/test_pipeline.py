@@ -143,10 +143,13 @@ async def test_transient_errors_are_retried_as_new_attempts(db_url, simulator, f
 async def test_retries_stop_at_the_attempt_limit(db_url, simulator) -> None:
     simulator.inject(*[Fault("failed")] * 3)
     user, thread = await new_user_thread(db_url)
-    async with running_worker(worker_settings(simulator.base_url), db_url):
+    async with running_worker(worker_settings(simulator.base_url), db_url) as worker:
         message = await say(db_url, user, thread, "hello")
         [run] = await finished_runs(db_url, 1)
     assert (run["status"], run["attempts"], run["last_error_code"]) == ("failed", 3, "model_failed")
+    sample = worker.metrics.registry.get_sample_value
+    assert sample("assistant_run_attempts_failed_total", {"error_code": "model_failed"}) == 3
+    assert sample("assistant_runs_failed_total", {"error_code": "model_failed"}) == 1  # the run, once
     events = await query(db_url, "select attempt, status, error_code from assistant_inference_events order by attempt")
     assert [(e["attempt"], e["status"]) for e in events] == [(1, "failed"), (2, "failed"), (3, "failed")]
     replies = await query(db_url, "select content from assistant_messages where reply_to = %s", (message,))

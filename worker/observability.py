@@ -36,6 +36,9 @@ class Metrics:
         self.completed = Counter("assistant_runs_completed", "Runs completed with a reply", ["model"], registry=r)
         self.failed = Counter("assistant_run_attempts_failed", "Attempts that failed, by error code",
                               ["error_code"], registry=r)
+        self.runs_failed = Counter("assistant_runs_failed", "Runs that ended failed (no attempt left, or not "
+                                   "retryable), by the last error code", ["error_code"], registry=r)
+        self.cancelled = Counter("assistant_runs_cancelled", "Runs cancelled by their user while in flight", registry=r)
         self.blocked = Counter("assistant_runs_blocked", "Runs refused at admission, by reason", ["error_code"], registry=r)
         self.released = Counter("assistant_runs_released", "Runs given back at shutdown", registry=r)
         self.in_flight = Gauge("assistant_runs_in_flight", "Runs this worker is working on", registry=r)

@@ -290,9 +290,13 @@ class Worker:
                 # The user cancelled: the prediction was cancelled at Replicate by the provider;
                 # record what it consumed. No reply.
                 self.cancelling.discard(run.run_id)
+                consumed = self._consumed(run, request, handle)
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self.store.finish_cancelled(run, self._consumed(run, request, handle)))
+                    await asyncio.shield(self.store.finish_cancelled(run, consumed))
                 self.counts["cancelled"] += 1
+                self.metrics.cancelled.inc()
+                if consumed and consumed["cost_usd"] is not None:
+                    self.metrics.cost.labels(consumed["model"]).inc(consumed["cost_usd"])
                 log.info("run cancelled", extra={"event": "run.cancelled", "run_id": str(run.run_id),
                                                  "prediction_id": handle.prediction_id})
                 return
@@ -423,6 +427,8 @@ class Worker:
             model=model, prediction_id=error.prediction_id, latency_ms=None))
         self.counts[f"failed.{error.code}"] += 1
         self.metrics.failed.labels(error.code).inc()
+        if status == "failed":
+            self.metrics.runs_failed.labels(error.code).inc()
         log.warning("run attempt failed", extra={"event": "run.failed", "run_id": str(run.run_id),
                                                  "message_id": str(run.message_id), "attempt": run.attempt,
                                                  "error_code": error.code, "status": status, "model": model})
