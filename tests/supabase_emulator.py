@@ -3,21 +3,31 @@
 - PostgREST RPC: `POST /rest/v1/rpc/<fn>` with `apikey` and `Authorization: Bearer <jwt>`. The
   call runs on the real database the way PostgREST runs it: one transaction, the JWT's role set
   with `set_config('role', …, true)`, the claims in `request.jwt.claims`, named arguments, a JSON
-  body (bare value, array of rows, or 204 for void) and PostgREST's error objects and statuses.
+  body (bare value, array of rows, or 204 for void) and PostgREST's error objects and statuses
+  (`{"code", "details", "hint", "message"}`; SQLSTATE -> HTTP status as in PostgREST's
+  src/PostgREST/Error.hs; a database it cannot connect to is 503 PGRST000, a connection lost
+  during the call 503 PGRST001).
 - Realtime: `GET /realtime/v1/websocket?apikey=…&vsn=1.0.0`, Phoenix V1 JSON frames: phx_join
   with a postgres_changes config answered by phx_reply with binding ids, then the "Subscribed to
-  PostgreSQL" system message, heartbeats, phx_leave, and `postgres_changes` pushes with
-  `data.record` and `ids`. Changes come from a capture trigger this emulator installs in the test
-  database (the real server reads the WAL); filters `col=eq.value` are applied.
+  PostgreSQL" system message (or, when subscribing fails, a system message with status "error"
+  while the channel stays joined), heartbeats, phx_leave, a second join of a topic closing the
+  first (phx_close with the first join's ref, as Phoenix does), and `postgres_changes` pushes with
+  `data.record` (and `data.old_record` for UPDATE: the replica identity, by default the primary
+  key) and `ids`. Changes come from a capture trigger this emulator installs on
+  assistant_messages and assistant_action_requests (the real server reads the WAL); filters
+  `col=eq.value` are applied to the new row.
 
 Faults for tests: `drop_connections()` closes every socket abnormally, `refuse_for(seconds)`
-answers websocket upgrades with 503 meanwhile, `pause_changes()` stops delivering changes."""
+answers websocket upgrades with 503 meanwhile, `fail_postgres_changes()` makes subscribing to
+database changes fail until `restore_postgres_changes()`, `cut_database()` makes PostgREST's
+connections to the database fail until `restore_database()`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import socket
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -27,6 +37,7 @@ import jwt
 import psycopg
 from aiohttp import WSCloseCode, WSMsgType, web
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 JWT_SECRET = "super-secret-jwt-token-with-at-least-32-characters-long"
 
@@ -36,25 +47,27 @@ def make_jwt(role: str, **claims: Any) -> str:
     return jwt.encode(payload, JWT_SECRET, algorithm="HS256")
 
 
-def pg_error_status(sqlstate: str, authed: bool) -> int:
-    """PostgREST's SQLSTATE -> HTTP status mapping (src/PostgREST/Error.hs)."""
+def pg_error_status(sqlstate: str, authed: bool, message: str = "") -> int:
+    """PostgREST's SQLSTATE -> HTTP status mapping: `mapSQLtoHTTP` in src/PostgREST/Error.hs (the
+    table of docs/references/errors.rst, plus the few special cases the source adds)."""
+    exact = {"23503": 409, "23505": 409, "25006": 405, "53400": 500, "57P01": 503, "P0001": 400,
+             "42P01": 404, "42P17": 500}
+    if sqlstate in exact:
+        return exact[sqlstate]
     if sqlstate == "42501":
         return 403 if authed else 401
-    if sqlstate in ("23505", "23503"):
-        return 409
-    if sqlstate == "P0001":
-        return 400
-    if sqlstate.startswith("P0"):
-        return 500
-    if sqlstate in ("42883", "42P01"):
-        return 404
-    if sqlstate.startswith(("08", "53")):
-        return 503
-    if sqlstate.startswith(("25", "57", "58", "XX", "40", "54", "55")):
-        return 500
-    if sqlstate.startswith("PT") and sqlstate[2:].isdigit():
-        return int(sqlstate[2:])
-    return 400
+    if sqlstate == "42883":
+        return 406 if message.startswith("function xmlagg(") else 404
+    if sqlstate == "21000":  # pg-safeupdate's refusal is the client's fault; any other is the server's
+        return 400 if message.endswith("requires a WHERE clause") else 500
+    if sqlstate == "22023":  # the JWT's role does not exist
+        return 401 if message.startswith("role") and message.endswith("does not exist") else 400
+    if sqlstate.startswith("PT"):
+        return int(sqlstate[2:]) if sqlstate[2:].isdigit() else 500
+    by_class = {"08": 503, "09": 500, "0L": 403, "0P": 403, "25": 500, "28": 403, "2D": 500, "38": 500,
+                "39": 500, "3B": 500, "40": 500, "53": 503, "54": 500, "55": 500, "57": 500, "58": 500,
+                "F0": 500, "HV": 500, "P0": 500, "XX": 500}
+    return by_class.get(sqlstate[:2], 400)
 
 
 def error_body(code: str, message: str, details: str | None = None, hint: str | None = None) -> dict[str, Any]:
@@ -80,25 +93,59 @@ class Binding:
                 return False
         return True
 
+    def subscribe_error(self) -> str:
+        """What Realtime says when it cannot create this subscription (subscription_insert_failed in
+        lib/extensions/postgres_cdc_rls/subscriptions.ex), e.g. for a table not in its publication."""
+        filters = "[]"
+        if self.filter:
+            column, _, condition = self.filter.partition("=")
+            op, _, value = condition.partition(".")
+            filters = f'[{{"{column}", "{op}", "{value}", false}}]'
+        return ("Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given"
+                f" connect parameters: [event: {self.event}, schema: {self.schema}, table: {self.table or '*'},"
+                f" filters: {filters}, select: nil]")
+
 
 @dataclass
 class Subscription:
     ws: web.WebSocketResponse
     topic: str
     bindings: list[Binding]
+    join_ref: str | None = None
+    subscribed: bool = False  # changes flow only after "Subscribed to PostgreSQL"
 
 
+# The change as the trigger saw it: the new row (when it fits in a notification; else looked up
+# by id), and for UPDATE the old replica identity, which is what the WAL carries: the primary key
+# by default, the whole old row with REPLICA IDENTITY FULL.
 CAPTURE_SQL = """
 create or replace function public.realtime_emulator_capture() returns trigger
 language plpgsql as $$
+declare
+  change jsonb := jsonb_build_object('schema', tg_table_schema, 'table', tg_table_name, 'type', tg_op, 'id', new.id,
+    'commit_timestamp', to_char(now() at time zone 'utc', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
+  identity jsonb;
 begin
-  perform pg_notify('realtime_emulator', json_build_object(
-    'schema', tg_table_schema, 'table', tg_table_name, 'type', tg_op, 'id', new.id,
-    'commit_timestamp', to_char(now() at time zone 'utc', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))::text);
+  if octet_length(to_jsonb(new)::text) < 7000 then
+    change := change || jsonb_build_object('record', to_jsonb(new));
+  end if;
+  if tg_op = 'UPDATE' then
+    select case c.relreplident when 'f' then to_jsonb(old) else (
+             select coalesce(jsonb_object_agg(a.attname, to_jsonb(old) -> a.attname), '{}'::jsonb)
+               from pg_index i join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+              where i.indrelid = tg_relid and case c.relreplident when 'i' then i.indisreplident else i.indisprimary end)
+           end
+      into identity from pg_class c where c.oid = tg_relid;
+    change := change || jsonb_build_object('old_record', identity);
+  end if;
+  perform pg_notify('realtime_emulator', change::text);
   return null;
 end $$;
 drop trigger if exists realtime_emulator_capture on public.assistant_messages;
-create trigger realtime_emulator_capture after insert on public.assistant_messages
+create trigger realtime_emulator_capture after insert or update on public.assistant_messages
+  for each row execute function public.realtime_emulator_capture();
+drop trigger if exists realtime_emulator_capture on public.assistant_action_requests;
+create trigger realtime_emulator_capture after insert or update on public.assistant_action_requests
   for each row execute function public.realtime_emulator_capture();
 """
 
@@ -110,16 +157,18 @@ class SupabaseEmulator:
     service_role_key: str = field(default_factory=lambda: make_jwt("service_role"))
     rpc_calls: list[dict[str, Any]] = field(default_factory=list)
     joins: list[dict[str, Any]] = field(default_factory=list)
+    joined_at: list[float] = field(default_factory=list)  # time.monotonic() of each join
     signed: list[dict[str, Any]] = field(default_factory=list)
     broadcasts: list[dict[str, Any]] = field(default_factory=list)
     subscriptions: list[Subscription] = field(default_factory=list)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     refuse_until: float = 0.0
-    changes_paused: bool = False
+    postgres_changes_failing: bool = False
+    database_cut: socket.socket | None = None  # while set: a bound port nobody listens on
     delivered: int = 0
+    changes: list[dict[str, Any]] = field(default_factory=list)  # the postgres_changes payloads sent
     _runner: web.AppRunner | None = None
     _listener: asyncio.Task[None] | None = None
-
 
     async def start(self) -> str:
         async with await psycopg.AsyncConnection.connect(self.db_url, autocommit=True) as conn:
@@ -139,6 +188,7 @@ class SupabaseEmulator:
         return self.base_url
 
     async def stop(self) -> None:
+        self.restore_database()
         if self._listener:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -158,6 +208,31 @@ class SupabaseEmulator:
 
     def refuse_for(self, seconds: float) -> None:
         self.refuse_until = time.monotonic() + seconds
+
+    async def fail_postgres_changes(self) -> None:
+        """Subscribing to database changes fails from now on, as when a table is not in the
+        supabase_realtime publication: the join is answered, then a `system` message with status
+        "error"; the channel stays joined and nothing is delivered on it. Channels subscribed
+        already are resubscribed and fail the same way (what the server does when its CDC process
+        restarts). The server does not retry this failure: a channel recovers only by joining again."""
+        self.postgres_changes_failing = True
+        for subscription in list(self.subscriptions):
+            if subscription.bindings:
+                await self._subscribe_postgres(subscription)
+
+    def restore_postgres_changes(self) -> None:
+        self.postgres_changes_failing = False
+
+    def cut_database(self) -> None:
+        """PostgREST loses its database: every RPC's connection is refused (503 PGRST000)."""
+        if self.database_cut is None:
+            self.database_cut = socket.socket()
+            self.database_cut.bind(("127.0.0.1", 0))
+
+    def restore_database(self) -> None:
+        if self.database_cut is not None:
+            self.database_cut.close()
+            self.database_cut = None
 
     # -- PostgREST ------------------------------------------------------------------------------
     @staticmethod
@@ -183,9 +258,23 @@ class SupabaseEmulator:
             return web.json_response(error_body("PGRST102", "Empty or invalid json"), status=400)
         if not isinstance(args, dict):
             return web.json_response(error_body("PGRST102", "Expected a JSON object"), status=400)
-        self.rpc_calls.append({"fn": fn, "args": args, "headers": dict(request.headers)})
+        call: dict[str, Any] = {"fn": fn, "args": args, "headers": dict(request.headers)}
+        self.rpc_calls.append(call)
+        response = await self._call(fn, args, claims)
+        call["status"] = response.status
+        return response
+
+    async def _call(self, fn: str, args: dict[str, Any], claims: dict[str, Any]) -> web.Response:
+        url = self.db_url
+        if self.database_cut is not None:
+            url = make_conninfo(self.db_url, host="127.0.0.1", port=self.database_cut.getsockname()[1])
         try:
-            async with await psycopg.AsyncConnection.connect(self.db_url) as conn:
+            conn = await psycopg.AsyncConnection.connect(url)
+        except psycopg.OperationalError as exc:  # hasql's ConnectionUsageError: libpq's message as details
+            return web.json_response(error_body("PGRST000", "Database connection error.",
+                                                str(exc).removeprefix("connection failed: ") + "\n"), status=503)
+        try:
+            async with conn:
                 found = await (await conn.execute(
                     """select p.proretset, p.prorettype = 'void'::regtype, coalesce(p.proargnames, '{}'),
                               array(select format_type(t, null) from unnest(p.proargtypes) t),
@@ -220,10 +309,18 @@ class SupabaseEmulator:
                         (claims.get("role", "anon"), json.dumps(claims), f"/rpc/{fn}"))
                     row = await (await conn.execute(query, params)).fetchone()
         except psycopg.Error as exc:
+            state = exc.sqlstate
+            if state is None:
+                if not isinstance(exc, psycopg.OperationalError):
+                    raise
+                # The connection broke without an error from the server (hasql's ClientError).
+                return web.json_response(error_body("PGRST001", "Database client error. Retrying the connection.",
+                                                    str(exc) + "\n"), status=503)
             diag = exc.diag
-            state = exc.sqlstate or "XX000"
-            return web.json_response(error_body(state, diag.message_primary or str(exc), diag.message_detail, diag.message_hint),
-                                     status=pg_error_status(state, "role" in claims))
+            message = diag.message_primary or str(exc)
+            status = pg_error_status(state, claims.get("role", "anon") != "anon", message)
+            return web.json_response(error_body(state, message, diag.message_detail, diag.message_hint), status=status,
+                                     headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
         if returns_void:
             return web.Response(status=204)
         return web.Response(status=200, content_type="application/json", charset="utf-8", text=json.dumps(row[0]))
@@ -298,6 +395,11 @@ class SupabaseEmulator:
             await self._send(ws, "phoenix", "phx_reply", {"response": {}, "status": "ok"}, ref)
         elif event == "phx_join":
             self.joins.append(message)
+            self.joined_at.append(time.monotonic())
+            # Phoenix closes a channel that a second join of its topic replaces (Phoenix.Socket:
+            # "Duplicate channel join"): the new join is answered, then phx_close with the old join's ref.
+            replaced = [s for s in self.subscriptions if s.ws is ws and s.topic == topic]
+            self.subscriptions = [s for s in self.subscriptions if s not in replaced]
             config = payload.get("config") or {}
             bindings = []
             for raw in config.get("postgres_changes") or []:
@@ -306,18 +408,30 @@ class SupabaseEmulator:
                                         raw.get("table"), raw.get("filter"), raw))
             response = {"postgres_changes": [{**b.raw, "id": b.id} for b in bindings]}
             await self._send(ws, topic, "phx_reply", {"response": response, "status": "ok"}, ref)
-            self.subscriptions.append(Subscription(ws, topic, bindings))
+            for old in replaced:
+                await self._send(ws, topic, "phx_close", {}, old.join_ref)
+            subscription = Subscription(ws, topic, bindings, message.get("join_ref") or ref)
+            self.subscriptions.append(subscription)
             if bindings:
                 await asyncio.sleep(0.05)  # the real server subscribes to the WAL after replying
-                await self._send(ws, topic, "system", {"channel": topic.removeprefix("realtime:"),
-                                                        "extension": "postgres_changes",
-                                                        "message": "Subscribed to PostgreSQL", "status": "ok"}, None)
+                await self._subscribe_postgres(subscription)
         elif event == "phx_leave":
             self.subscriptions = [s for s in self.subscriptions if not (s.ws is ws and s.topic == topic)]
             await self._send(ws, topic, "phx_reply", {"response": {}, "status": "ok"}, ref)
             await self._send(ws, topic, "phx_close", {}, message.get("join_ref"))
         elif event == "access_token":
             pass  # the real server never replies
+
+    async def _subscribe_postgres(self, subscription: Subscription) -> None:
+        """The outcome of subscribing a channel's bindings (push_system_message in
+        lib/realtime_web/channels/realtime_channel.ex): "Subscribed to PostgreSQL", or the error."""
+        if subscription not in self.subscriptions:
+            return  # left or replaced meanwhile
+        subscription.subscribed = not self.postgres_changes_failing
+        message = "Subscribed to PostgreSQL" if subscription.subscribed else subscription.bindings[0].subscribe_error()
+        await self._send(subscription.ws, subscription.topic, "system", {
+            "channel": subscription.topic.removeprefix("realtime:"), "extension": "postgres_changes",
+            "message": message, "status": "ok" if subscription.subscribed else "error"}, None)
 
     async def _listen_changes(self) -> None:
         while True:
@@ -328,28 +442,37 @@ class SupabaseEmulator:
                         await psycopg.AsyncConnection.connect(self.db_url, autocommit=True) as conn:
                     await listener.execute("listen realtime_emulator")
                     async for notify in listener.notifies():
-                        if not self.changes_paused:
-                            await self._deliver(conn, json.loads(notify.payload))
+                        await self._deliver(conn, json.loads(notify.payload))
             except psycopg.OperationalError:
                 await asyncio.sleep(0.2)
 
     async def _deliver(self, conn: psycopg.AsyncConnection, change: dict[str, Any]) -> None:
-        schema, table = change["schema"], change["table"]
-        row = await (await conn.execute(
-            sql.SQL("select to_jsonb(t) from {}.{} t where id = %s").format(sql.Identifier(schema), sql.Identifier(table)),
-            (change["id"],))).fetchone()
-        if row is None:
+        schema, table, kind = change["schema"], change["table"], change["type"]
+        record = change.get("record")
+        if record is None:  # too large for a notification
+            row = await (await conn.execute(
+                sql.SQL("select to_jsonb(t) from {}.{} t where id = %s").format(sql.Identifier(schema), sql.Identifier(table)),
+                (change["id"],))).fetchone()
+            if row is None:
+                return
+            record = row[0]
+        targets = [(s, ids) for s in self.subscriptions if s.subscribed
+                   and (ids := [b.id for b in s.bindings if b.matches(schema, table, kind, record)])]
+        if not targets:
             return
-        record = row[0]
         columns = await (await conn.execute(
             """select a.attname, t.typname from pg_attribute a join pg_type t on t.oid = a.atttypid
                 where a.attrelid = format('%%I.%%I', %s::text, %s::text)::regclass and a.attnum > 0 and not a.attisdropped
                 order by a.attnum""", (schema, table))).fetchall()
-        for subscription in list(self.subscriptions):
-            ids = [b.id for b in subscription.bindings if b.matches(schema, table, change["type"], record)]
-            if not ids:
-                continue
-            data = {"columns": [{"name": n, "type": t} for n, t in columns], "commit_timestamp": change["commit_timestamp"],
-                    "errors": None, "schema": schema, "table": table, "record": record, "type": change["type"]}
-            await self._send(subscription.ws, subscription.topic, "postgres_changes", {"data": data, "ids": ids}, None)
+        # Realtime's NewRecord / UpdatedRecord structs (lib/realtime/adapters/changes.ex) as Jason's
+        # derived encoder writes them: the fields in the order of Map.keys, alphabetical.
+        data: dict[str, Any] = {"columns": [{"name": n, "type": t} for n, t in columns],
+                                "commit_timestamp": change["commit_timestamp"], "errors": None}
+        if kind == "UPDATE":
+            data["old_record"] = change["old_record"]
+        data.update(record=record, schema=schema, table=table, type=kind)
+        for subscription, ids in targets:
+            payload = {"data": data, "ids": ids}
+            await self._send(subscription.ws, subscription.topic, "postgres_changes", payload, None)
+            self.changes.append({"topic": subscription.topic, **payload})
             self.delivered += 1

@@ -267,7 +267,9 @@ async def test_malformed_realtime_frames_do_not_crash_the_worker(db_url, simulat
         await say(db_url, user, thread, "still there?")
         [run] = await finished_runs(db_url, 1, timeout=30)
         assert not task.done()  # the worker is still running
-        assert worker.wakeups.live and worker.wakeups.rebuilds == 0  # on the session that took the frames
+        # Answered by the session that took the frames: no rebuild, no rejoin, and the sweep is an hour away.
+        assert worker.wakeups.live and worker.wakeups.rebuilds == 0
+        assert len(emulator.joins) == 1 and emulator.delivered == 1 and emulator.sockets
     finally:
         await stop_worker(worker, task, http)
         await emulator.stop()

@@ -8,15 +8,19 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
+import httpx
+import psycopg
 import pytest
 from postgrest.exceptions import APIError
+from psycopg.types.json import Jsonb
 from supabase import AsyncClientOptions, acreate_client
 
-from tests.pipeline_helpers import finished_runs, new_user_thread, query, say, wait_until, worker_settings
-from tests.supabase_emulator import SupabaseEmulator, make_jwt
+from tests.pipeline_helpers import as_user, finished_runs, new_user_thread, query, say, wait_until, worker_settings
+from tests.supabase_emulator import SupabaseEmulator, make_jwt, pg_error_status
 from worker.app import build_worker, open_transport, replicate_http, web_http
 from worker.pipeline import Worker
 from worker.simulator import ReplicateSimulator
+from worker.store import PostgrestStore, StoreUnavailable
 from worker.wakeups import RealtimeWakeups
 
 
@@ -135,3 +139,161 @@ async def test_rpc_errors_come_back_as_postgrest_errors(db_url, supabase) -> Non
     assert missing.value.code == "P0002"
     status = await service.rpc("run_queue_status", {}).execute()
     assert status.data == [{"due_now": 0, "next_due_at": None, "in_progress": 0}]
+
+
+def checking(predicate) -> object:
+    """wait_until's check for a plain condition."""
+    return lambda: asyncio.sleep(0, predicate())
+
+
+async def test_a_refused_changes_subscription_is_not_live_and_is_retried_with_backoff(db_url, simulator, supabase) -> None:
+    # Realtime answers the join, then says it could not subscribe to the database's changes (as for
+    # a table missing from its publication); the channel stays joined but nothing will arrive on it.
+    user, thread = await new_user_thread(db_url)
+    settings = supabase_settings(simulator, supabase)
+    # A grace period longer than the test: only the worker's reaction to the error can rebuild.
+    wakeups = RealtimeWakeups(settings.supabase_url, supabase.service_role_key, check_seconds=0.1,
+                              unhealthy_grace_seconds=120, max_backoff=2.0)
+    worker, task, http = await start_worker(settings, wakeups)
+    try:
+        await wait_until(lambda: live(worker), what="the first subscription")
+        assert await worker.not_ready_because() is None
+        await supabase.fail_postgres_changes()
+        await wait_until(checking(lambda: not wakeups.live), what="the error to be noticed")
+        assert await worker.not_ready_because() == "the wake-up subscription is not live"
+        message = await say(db_url, user, thread, "sent while changes could not be subscribed to")
+        # Every new subscription is refused as well: three more joins, on the worker's backoff.
+        await wait_until(checking(lambda: len(supabase.joins) >= 4), 15, "three more joins")
+        assert not wakeups.live
+        [queued] = await query(db_url, "select status from assistant_runs where message_id = %s", (message,))
+        assert queued["status"] == "queued"  # nothing announced it, and the sweep is an hour away
+        supabase.restore_postgres_changes()
+        [run] = await finished_runs(db_url, 1, timeout=15)
+        assert wakeups.live and await worker.not_ready_because() is None
+    finally:
+        await stop_worker(worker, task, http)
+    assert run["status"] == "completed" and run["message_id"] == message
+    assert supabase.delivered == 0  # answered by the sweep that follows the confirmed resubscription
+    # Each refused subscription is rebuilt on a fresh connection after 0.5, 1, 2 s: not every
+    # second on the same socket, as realtime-py's own rejoin would, without end.
+    gaps = [b - a for a, b in zip(supabase.joined_at[1:], supabase.joined_at[2:], strict=False)]
+    assert gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps
+    assert wakeups.subscription_errors >= 3
+
+
+async def test_a_database_outage_behind_postgrest_is_retried_and_the_reply_written_once(db_url, simulator,
+                                                                                       supabase) -> None:
+    user, thread = await new_user_thread(db_url)
+    simulator.latency = 1.0
+    worker, task, http = await start_worker(supabase_settings(simulator, supabase))
+
+    def failed_writes() -> list[dict]:
+        return [c for c in supabase.rpc_calls if c["fn"] in ("complete_run", "complete_runs") and c.get("status") == 503]
+
+    try:
+        await wait_until(lambda: live(worker), what="the subscription")
+        message = await say(db_url, user, thread, "answered across an outage")
+        await wait_until(checking(lambda: len(simulator.creates) == 1), what="the prediction to start")
+        supabase.cut_database()  # PostgREST can no longer reach the database
+        async with httpx.AsyncClient() as client:
+            refused = await client.post(f"{supabase.base_url}/rest/v1/rpc/run_queue_status", json={},
+                                        headers={"apikey": supabase.service_role_key,
+                                                 "Authorization": f"Bearer {supabase.service_role_key}"})
+        assert refused.status_code == 503
+        body = refused.json()
+        assert list(body) == ["code", "details", "hint", "message"]
+        assert (body["code"], body["hint"], body["message"]) == ("PGRST000", None, "Database connection error.")
+        assert "Connection refused" in body["details"]
+        with pytest.raises(StoreUnavailable):
+            await worker.store.queue_status()
+        # The prediction ends; writing its reply fails and is tried again while the outage lasts.
+        await wait_until(checking(lambda: len(failed_writes()) >= 2), 20, "the reply's write to be retried")
+        [in_flight] = await query(db_url, "select status, attempts from assistant_runs where message_id = %s", (message,))
+        assert in_flight == {"status": "in_progress", "attempts": 1}
+        supabase.restore_database()
+        [run] = await finished_runs(db_url, 1, timeout=20)
+    finally:
+        await stop_worker(worker, task, http)
+    assert (run["status"], run["attempts"], run["message_id"]) == ("completed", 1, message)
+    [reply] = await query(db_url, "select content from assistant_messages where reply_to = %s", (message,))
+    assert reply["content"] == "You said: answered across an outage"
+    assert len(simulator.creates) == 1  # one prediction: the write was retried, not the run
+    writes = [c["status"] for c in supabase.rpc_calls if c["fn"] in ("complete_run", "complete_runs")]
+    assert writes[-1] == 200 and set(writes[:-1]) == {503}
+
+
+@pytest.mark.parametrize(("sqlstate", "authed", "message", "status"), [
+    ("08006", True, "", 503), ("09000", True, "", 500), ("0L000", True, "", 403), ("0P000", True, "", 403),
+    ("23503", True, "", 409), ("23505", True, "", 409), ("25006", True, "", 405), ("25001", True, "", 500),
+    ("28000", True, "", 403), ("28P01", True, "", 403), ("2D000", True, "", 500), ("38000", True, "", 500),
+    ("39000", True, "", 500), ("3B000", True, "", 500), ("40001", True, "", 500), ("53400", True, "", 500),
+    ("53300", True, "", 503), ("54000", True, "", 500), ("55P03", True, "", 500), ("57014", True, "", 500),
+    ("57P01", True, "", 503), ("58030", True, "", 500), ("F0000", True, "", 500), ("HV000", True, "", 500),
+    ("P0001", True, "", 400), ("P0002", True, "", 500), ("XX000", True, "", 500), ("42883", True, "", 404),
+    ("42P01", True, "", 404), ("42P17", True, "", 500), ("42501", True, "", 403), ("42501", False, "", 401),
+    ("23502", True, "", 400), ("22023", True, "p_limit must be between 1 and 1000", 400),
+    ("22023", True, 'role "nobody" does not exist', 401), ("21000", True, "UPDATE requires a WHERE clause", 400),
+    ("21000", True, "more than one row returned by a subquery used as an expression", 500),
+    ("PT402", True, "", 402),
+])
+def test_sqlstates_map_to_postgrest_statuses(sqlstate: str, authed: bool, message: str, status: int) -> None:
+    # docs.postgrest.org, Errors: "HTTP Status Codes", and mapSQLtoHTTP in src/PostgREST/Error.hs.
+    assert pg_error_status(sqlstate, authed, message) == status
+
+
+async def test_an_approval_wakes_the_worker_over_realtime(db_url, simulator, supabase) -> None:
+    user, thread = await new_user_thread(db_url)
+    worker, task, http = await start_worker(supabase_settings(simulator, supabase))
+    try:
+        await wait_until(lambda: live(worker), what="the subscription")
+        await wait_until(lambda: query(db_url, "select 1 from assistant_action_types where name = 'update_profile_preferences'"),
+                         what="the action types to be registered")
+        [request] = await query(db_url, "insert into assistant_action_requests (user_id, thread_id, action_type, payload)"
+                                        " values (%s, %s, 'update_profile_preferences', %s) returning id",
+                                (user, thread, Jsonb({"preferences": {"units": "imperial"}})))
+        # The sweep interval is an hour: only the Realtime UPDATE can wake the worker now.
+        await as_user(db_url, user, "update assistant_action_requests set status = 'approved' where id = %s",
+                      (request["id"],))
+
+        async def executed() -> list:
+            return await query(db_url, "select status from assistant_action_requests where id = %s and status = 'executed'",
+                               (request["id"],))
+
+        await wait_until(executed, what="the approved action to run")
+        [binding] = [b for s in supabase.subscriptions for b in s.bindings if b.table == "assistant_action_requests"]
+    finally:
+        await stop_worker(worker, task, http)
+    approval = next(c for c in supabase.changes if c["data"]["table"] == "assistant_action_requests")
+    assert approval["topic"] == "realtime:assistant-worker" and approval["ids"] == [binding.id]
+    data = approval["data"]
+    assert list(data) == ["columns", "commit_timestamp", "errors", "old_record", "record", "schema", "table", "type"]
+    assert (data["type"], data["schema"], data["errors"]) == ("UPDATE", "public", None)
+    assert data["old_record"] == {"id": str(request["id"])}  # the replica identity: the primary key
+    assert data["record"]["status"] == "approved" and data["record"]["id"] == str(request["id"])
+    assert {"name": "status", "type": "text"} in data["columns"]
+
+
+@pytest.mark.parametrize(("sqlstate", "transient"), [
+    ("53300", True),   # too many connections
+    ("53200", True),   # out of memory
+    ("40001", True),   # serialization failure: nothing was written
+    ("40P01", True),   # deadlock detected
+    ("57P01", True),   # admin shutdown
+    ("42501", False),  # permission denied
+    ("23505", False),  # unique violation
+    ("22023", False),  # invalid parameter
+])
+async def test_transient_database_errors_behind_postgrest_are_retryable(db_url, supabase, sqlstate, transient) -> None:
+    # A function of the test's own raises the SQLSTATE; PostgREST (emulated) answers it as it would.
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("create or replace function public.test_raise(p_code text) returns void language plpgsql"
+                           " as $$ begin raise exception 'raised %', p_code using errcode = p_code; end $$")
+    options = AsyncClientOptions(auto_refresh_token=False, persist_session=False)
+    store = PostgrestStore(await acreate_client(supabase.base_url, supabase.service_role_key, options=options))
+    if transient:
+        with pytest.raises(StoreUnavailable, match=f"raised {sqlstate}"):
+            await store.call("test_raise", {"p_code": sqlstate})
+    else:
+        with pytest.raises(APIError) as refusal:
+            await store.call("test_raise", {"p_code": sqlstate})
+        assert refusal.value.code == sqlstate

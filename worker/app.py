@@ -91,29 +91,42 @@ def build_worker(settings: Settings, transport: Transport, replicate: aiohttp.Cl
                   publisher=publisher_for(settings, transport, web))
 
 
+@contextlib.asynccontextmanager
+async def health_endpoint(settings: Settings, worker: Worker) -> AsyncIterator[HealthServer | None]:
+    """/metrics, /healthz and /readyz on METRICS_HOST:METRICS_PORT while the worker runs, when
+    METRICS_ENABLED; None when disabled or the port cannot be bound (the worker runs anyway)."""
+    if not settings.metrics_enabled:
+        yield None
+        return
+    health: HealthServer | None = HealthServer(worker.metrics, worker.not_ready_because)
+    try:
+        await health.start(settings.metrics_host, settings.metrics_port)
+    except OSError as exc:  # e.g. a second worker on the same host and port
+        log.error("metrics endpoint not started", extra={"event": "metrics.failed", "error": str(exc)})
+        await health.stop()
+        health = None
+    try:
+        yield health
+    finally:
+        if health:
+            await health.stop()
+
+
 async def serve(settings: Settings, database_url: str | None = None) -> Worker:
     """Run the worker until a signal arrives; returns it (with its counters) after the drain."""
     transport = await open_transport(settings, database_url)
     try:
         async with replicate_http(settings) as replicate, web_http(settings) as web:
             worker = build_worker(settings, transport, replicate, web)
-            health = HealthServer(worker.metrics, worker.not_ready_because) if settings.metrics_enabled else None
-            if health:
-                try:
-                    await health.start(settings.metrics_host, settings.metrics_port)
-                except OSError as exc:  # e.g. a second worker on the same host and port
-                    log.error("metrics endpoint not started", extra={"event": "metrics.failed", "error": str(exc)})
-                    health = None
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, worker.stop)
-            try:
-                await worker.run()
-            finally:
+            async with health_endpoint(settings, worker):
+                loop = asyncio.get_running_loop()
                 for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
-                if health:
-                    await health.stop()
+                    loop.add_signal_handler(sig, worker.stop)
+                try:
+                    await worker.run()
+                finally:
+                    for sig in (signal.SIGTERM, signal.SIGINT):
+                        loop.remove_signal_handler(sig)
             return worker
     finally:
         await transport.store.close()

@@ -242,7 +242,9 @@ class PostgrestStore(RunStore):
         except APIError as exc:
             if exc.code == "P0002":
                 raise RunGone(exc.message or "run not found") from exc
-            if str(exc.code or "").startswith(("PGRST00", "08", "57P", "503", "502", "504")):
+            # As PostgresStore's OperationalError: connection (08), too many connections or out of
+            # resources (53), serialization failure or deadlock (40: nothing was written), shutdown (57P).
+            if str(exc.code or "").startswith(("PGRST00", "08", "53", "40", "57P", "503", "502", "504")):
                 raise StoreUnavailable(f"PostgREST: {exc.message}") from exc
             raise
         return response.data

@@ -3,15 +3,19 @@ hint costs at most one sweep interval, and every (re)connect is followed by a sw
 
 - `ListenWakeups`: LISTEN assistant_runs on a direct connection (postgres transport).
 - `RealtimeWakeups`: a Supabase Realtime `postgres_changes` INSERT subscription on
-  assistant_messages (role=eq.user). realtime-py reconnects by itself a few times and then gives
-  up without a word, and a channel the server closes is never rejoined; so this class supervises
-  the client and rebuilds it whenever it is not connected and subscribed.
+  assistant_messages (role=eq.user) and UPDATE subscription on assistant_action_requests
+  (status=eq.approved). realtime-py reconnects by itself a few times and then gives up without a
+  word, and a channel the server closes is never rejoined; so this class supervises the client and
+  rebuilds it whenever it is not connected and subscribed. When the server says subscribing to
+  the database's changes failed (a `system` message with status "error": the channel stays
+  joined, but no change will come), the client is rebuilt at once, with backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -70,6 +74,7 @@ class RealtimeWakeups:
         self.realtime_options = realtime_options or {}
         self.live = False
         self.rebuilds = 0
+        self.subscription_errors = 0  # the server's "could not subscribe to changes" messages
 
     async def run(self, wake: Wake) -> None:
         backoff = 0.5
@@ -86,11 +91,14 @@ class RealtimeWakeups:
             backoff = min(backoff * 2, self.max_backoff)
 
     async def _session(self, wake: Wake) -> bool:
-        """One client and channel, until they must be rebuilt. True if it had subscribed."""
+        """One client and channel, until they must be rebuilt. True if changes were flowing (the
+        server had confirmed the subscription): only then does the next rebuild come without delay
+        growing, so that a subscription the server keeps refusing is retried with backoff."""
         from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
 
         client = AsyncRealtimeClient(self.realtime_url, token=self.key, **self.realtime_options)
-        closed = asyncio.Event()
+        ended = asyncio.Event()
+        confirmed = False
 
         def on_insert(payload: Any) -> None:
             wake()
@@ -98,14 +106,26 @@ class RealtimeWakeups:
         def on_approval(payload: Any) -> None:
             wake("actions")
 
+        def subscription_failed(message: str) -> None:
+            self.live = False
+            self.subscription_errors += 1
+            log.warning("realtime subscription to database changes failed",
+                        extra={"event": "wakeups.subscription_failed", "error": message[:300]})
+            ended.set()
+
         def on_system(payload: Any) -> None:
             # The join reply only means the channel exists; changes flow once the server says
             # "Subscribed to PostgreSQL". Anything committed before that is found by the sweep.
-            if getattr(payload, "extension", None) == "postgres_changes" and getattr(payload, "status", None) == "ok":
+            nonlocal confirmed
+            if getattr(payload, "extension", None) != "postgres_changes":
+                return
+            if getattr(payload, "status", None) == "ok":
                 if not self.live:
                     log.info("subscribed", extra={"event": "wakeups.live", "transport": "supabase"})
-                self.live = True
+                self.live = confirmed = True
                 wake("actions")
+            else:  # realtime-py versions that pass errors to system callbacks
+                subscription_failed(str(getattr(payload, "message", payload)))
 
         def on_state(state: Any, error: Exception | None) -> None:
             if state != RealtimeSubscribeStates.SUBSCRIBED:
@@ -113,7 +133,15 @@ class RealtimeWakeups:
                 log.warning("realtime channel %s", state, extra={"event": "wakeups.channel_state",
                                                                  "state": str(state), "error": str(error)[:200]})
             if state == RealtimeSubscribeStates.CLOSED:
-                closed.set()
+                ended.set()
+            # realtime-py reports the server's error system message as a channel error (the payload
+            # as JSON) and rejoins on the same socket after a second, and again a second after
+            # every failure, without end. A lost socket is a channel error too, but then the
+            # client is not connected and its own reconnection is left to run.
+            elif state == RealtimeSubscribeStates.CHANNEL_ERROR and client.is_connected:
+                failure = postgres_changes_error(error)
+                if failure is not None:
+                    subscription_failed(failure)
 
         try:
             channel = client.channel(self.TOPIC)
@@ -123,21 +151,21 @@ class RealtimeWakeups:
                                         filter="status=eq.approved")
             channel.on_system(on_system)
             await channel.subscribe(on_state)
-            subscribed = channel.is_joined
-            await self._watch(client, channel, closed)
-            return subscribed
+            await self._watch(client, channel, ended)
+            return confirmed
         finally:
             self.live = False
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), timeout=2)
 
-    async def _watch(self, client: Any, channel: Any, closed: asyncio.Event) -> None:
-        """Returns when the client must be rebuilt: the channel was closed by the server, or the
-        client has been disconnected or unsubscribed for longer than its own retries need."""
+    async def _watch(self, client: Any, channel: Any, ended: asyncio.Event) -> None:
+        """Returns when the client must be rebuilt: the channel was closed by the server, its
+        subscription to changes failed, or the client has been disconnected or unsubscribed for
+        longer than its own retries need."""
         unhealthy_for = 0.0
-        while not closed.is_set():
+        while not ended.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(closed.wait(), timeout=self.check_seconds)
+                await asyncio.wait_for(ended.wait(), timeout=self.check_seconds)
             healthy = client.is_connected and channel.is_joined and self.live
             listen_task = getattr(client, "_listen_task", None)
             if listen_task is not None and listen_task.done():
@@ -145,3 +173,15 @@ class RealtimeWakeups:
             unhealthy_for = 0.0 if healthy else unhealthy_for + self.check_seconds
             if unhealthy_for >= self.unhealthy_grace_seconds:
                 return
+
+
+def postgres_changes_error(error: BaseException | None) -> str | None:
+    """The message of a Realtime `system` error from the postgres_changes extension, if `error`
+    (a channel error from realtime-py) is one; None for any other channel error."""
+    try:
+        payload = json.loads(str(error))
+    except ValueError:
+        return None
+    if isinstance(payload, dict) and payload.get("extension") == "postgres_changes" and payload.get("status") == "error":
+        return str(payload.get("message", ""))
+    return None
