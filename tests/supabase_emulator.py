@@ -166,6 +166,7 @@ class SupabaseEmulator:
     postgres_changes_failing: bool = False
     database_cut: socket.socket | None = None  # while set: a bound port nobody listens on
     delivered: int = 0
+    refused: int = 0  # websocket upgrades answered 503 while refusing
     changes: list[dict[str, Any]] = field(default_factory=list)  # the postgres_changes payloads sent
     _runner: web.AppRunner | None = None
     _listener: asyncio.Task[None] | None = None
@@ -363,6 +364,7 @@ class SupabaseEmulator:
     # -- Realtime -------------------------------------------------------------------------------
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
         if time.monotonic() < self.refuse_until:
+            self.refused += 1
             return web.Response(status=503, text="realtime unavailable")
         try:
             jwt.decode(request.query.get("apikey", ""), JWT_SECRET, algorithms=["HS256"], options={"verify_aud": False})
