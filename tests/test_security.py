@@ -127,6 +127,8 @@ def fuzz_world(cluster: LocalDatabase, template_db: str) -> Iterator[tuple[psyco
     with psycopg.connect(url, autocommit=True) as conn:
         user = create_user(conn)
         thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (user,)).fetchone()[0]
+        conn.execute("insert into assistant_messages (thread_id, role, content) values (%s, 'assistant', 'a reply')",
+                     (thread,))
         yield conn, user, thread
 
 
@@ -139,11 +141,21 @@ urls = st.one_of(st.none(), st.text(max_size=100),
                  st.builds(lambda scheme, rest: f"{scheme}{rest}",
                            st.sampled_from(["https://", "http://", "storage://", "ftp://", "javascript:", "data:", "file://"]),
                            st.text(max_size=80)))
+def around(limit: int) -> st.SearchStrategy[str]:
+    """Texts of about `limit` characters, on both sides of it."""
+    return st.builds(lambda n, unit: (unit * n)[:n], st.integers(limit - 10, limit + 10), st.text(min_size=1, max_size=20))
+
+
+# objects past the size bounds (4 KB profiles, 16 KB message metadata)
+big_objects = st.dictionaries(st.text(max_size=8), st.text(min_size=500, max_size=3000), min_size=1, max_size=8)
 roles = st.sampled_from(["user", "assistant", "system", "tool", "admin", "", "USER"])
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(content=st.text(max_size=9000), metadata=json_values, image_url=urls, role=roles)
+@given(content=st.text(max_size=200) | around(8000),
+       metadata=st.dictionaries(st.text(max_size=10), json_values, max_size=5) | big_objects | json_values
+       | st.builds(lambda n: {"note": "x" * n}, st.integers(16340, 16380)),  # about 16 KB, either side
+       image_url=st.none() | urls, role=st.just("user") | roles)
 def test_arbitrary_client_inserts_are_stored_exactly_or_refused(fuzz_world, content, metadata, image_url, role) -> None:
     conn, user, thread = fuzz_world
     if "\x00" in content + json.dumps(metadata) + (image_url or ""):
@@ -154,16 +166,88 @@ def test_arbitrary_client_inserts_are_stored_exactly_or_refused(fuzz_world, cont
                 row = cur.execute(
                     "insert into assistant_messages (thread_id, role, content, metadata_json, image_url)"
                     " values (%s, %s, %s, %s, %s)"
-                    " returning role, content, metadata_json = %s::jsonb, image_url, id",
-                    (thread, role, content, json.dumps(metadata), image_url, json.dumps(metadata))).fetchone()
+                    " returning role, content, metadata_json = %s::jsonb, image_url, id, pg_column_size(%s::jsonb)",
+                    (thread, role, content, json.dumps(metadata), image_url, json.dumps(metadata),
+                     json.dumps(metadata))).fetchone()
         except REFUSALS as refusal:
             assert refusal.diag.message_primary  # every refusal says why
             return
         assert row[0] == "user" and role == "user"
         assert row[1] == content and row[2] is True and row[3] == image_url  # jsonb equality: numbers as numbers
-        assert 1 <= len(content) <= 8000 and isinstance(metadata, dict)
+        assert 1 <= len(content) <= 8000 and isinstance(metadata, dict) and row[5] <= 16384
         assert image_url is None or image_url.startswith(("https://", "storage://"))
         assert cur.execute("select status from assistant_runs where message_id = %s", (row[4],)).fetchone() == ("queued",)
+
+
+
+
+def stored_or_refused(fuzz_world, write) -> None:
+    """One client request: `write(cur, reply)` stores and checks what it sent, or the database
+    refuses it with a reason."""
+    conn, user, thread = fuzz_world
+    reply = conn.execute("select id from assistant_messages where thread_id = %s and role = 'assistant'",
+                         (thread,)).fetchone()[0]
+    with request(conn, postgrest.user("u", user)) as cur:
+        try:
+            with conn.transaction():
+                write(cur, reply)
+        except REFUSALS as refusal:
+            assert refusal.diag.message_primary  # every refusal says why
+
+
+def has_nul(*values) -> bool:
+    # PostgreSQL text cannot hold NUL; client libraries refuse before sending (JSON writes it \u0000)
+    return "\\u0000" in json.dumps(values)
+
+
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(title=st.text(max_size=40) | around(120))
+def test_arbitrary_thread_titles_are_stored_exactly_or_refused(fuzz_world, title) -> None:
+    def write(cur, _reply) -> None:
+        stored = cur.execute("insert into assistant_threads (title) values (%s) returning title", (title,)).fetchone()
+        assert stored == (title,) and len(title) <= 120
+
+    if not has_nul(title):
+        stored_or_refused(fuzz_world, write)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(experience=st.text(max_size=40) | st.text(max_size=40) | around(200),
+       goals=st.lists(st.text(max_size=20), max_size=5) | st.lists(st.text(max_size=5), min_size=19, max_size=21) | json_values,
+       # mostly objects, some past 4 KB with the goals, some near it, and any JSON at all
+       preferences=st.dictionaries(st.text(max_size=10), json_values, max_size=5)
+       | st.builds(lambda note: {"note": note}, around(4030)) | big_objects | json_values)
+def test_arbitrary_profiles_are_stored_exactly_or_refused(fuzz_world, experience, goals, preferences) -> None:
+    def write(cur, _reply) -> None:
+        g, p = json.dumps(goals), json.dumps(preferences)
+        row = cur.execute(
+            "insert into ai_profiles (goals, experience_level, preferences) values (%s, %s, %s)"
+            " on conflict (user_id) do update set goals = excluded.goals, experience_level = excluded.experience_level,"
+            " preferences = excluded.preferences"
+            " returning goals = %s::jsonb, experience_level, preferences = %s::jsonb,"
+            " pg_column_size(%s::jsonb) + pg_column_size(%s::jsonb)", (g, experience, p, g, p, g, p)).fetchone()
+        assert row[0] is True and row[1] == experience and row[2] is True
+        assert isinstance(goals, list) and len(goals) <= 20 and isinstance(preferences, dict)
+        assert len(experience) <= 200 and row[3] <= 4096  # as the constraint measures it: uncompressed
+
+    if not has_nul(experience, goals, preferences):
+        stored_or_refused(fuzz_world, write)
+
+
+@FUZZ
+@given(rating=st.integers(-3, 3), comment=st.none() | st.text(max_size=100) | around(5000))
+def test_arbitrary_feedback_is_stored_exactly_or_refused(fuzz_world, rating, comment) -> None:
+    def write(cur, reply) -> None:
+        row = cur.execute("insert into ai_feedback (message_id, rating, comment) values (%s, %s, %s)"
+                          " on conflict (user_id, message_id) do update set rating = excluded.rating,"
+                          " comment = excluded.comment returning rating, comment", (reply, rating, comment)).fetchone()
+        assert row == (rating, comment) and rating in (-1, 1) and (comment is None or len(comment) <= 5000)
+
+    if not has_nul(comment):
+        stored_or_refused(fuzz_world, write)
 
 
 # -- malformed provider answers never escape as anything but a ProviderError ---------------------
