@@ -313,6 +313,57 @@ async def own_cluster(tmp_path: Path) -> AsyncIterator[tuple[LocalDatabase, str]
     await asyncio.to_thread(cluster.destroy)
 
 
+READ_FAULTS = [Fault("http", status=500, on="get"), Fault("http", status=429, retry_after=0.1, on="get"),
+               Fault("garbage", on="get"), Fault("http", status=503, on="get"), Fault("hang", on="get")]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["polled", "streamed"])
+@pytest.mark.parametrize("http_retries", [0, 3])
+async def test_faults_on_reads_of_a_running_prediction_cost_no_second_prediction(db_url, simulator, stream,
+                                                                               http_retries) -> None:
+    # Replicate failing on reads of a prediction that is running fine (the polls, or the final read
+    # after a stream), whether within the HTTP retry budget of one read or past it: the worker reads
+    # the same prediction again until its deadline. The attempt does not fail, no second prediction
+    # is paid for, one reply, no run left claimed, usage counted once.
+    simulator.latency = 1.2  # longer than Prefer: wait below, so that the worker reads it again
+    simulator.inject(*READ_FAULTS)
+    user, thread = await new_user_thread(db_url, plan="premium")
+    settings = worker_settings(simulator.base_url, replicate_max_http_retries=http_retries, replicate_timeout_seconds=0.5,
+                               replicate_prefer_wait_seconds=1, replicate_max_retry_after_seconds=0.5,
+                               worker_retry_base_seconds=0.05, worker_lease_seconds=10)
+    async with running_worker(settings, db_url, stream=stream):
+        message = await say(db_url, user, thread, "read me carefully")
+        [run] = await finished_runs(db_url, 1, timeout=30)
+    assert simulator.faults == []  # every read fault was met
+    assert (run["status"], run["attempts"]) == ("completed", 1)
+    assert len(simulator.creates) == 1 and len(simulator.predictions) == 1
+    reads = [r for r in simulator.requests if r.method == "GET" and r.path.startswith("/v1/predictions/")]
+    assert len(reads) > len(READ_FAULTS)  # each fault met a read, and the prediction was read once more
+    assert await query(db_url, "select id from assistant_runs where status in ('queued', 'in_progress')") == []
+    events = await query(db_url, "select attempt, status from assistant_inference_events")
+    assert events == [{"attempt": 1, "status": "succeeded"}]
+    replies = await replies_by_message(db_url)
+    assert list(replies) == [message] and len(replies[message]) == 1
+    await assert_usage_counted_once(db_url, user, 1)
+
+
+async def test_a_prediction_given_up_on_a_refused_read_is_cancelled(db_url, simulator) -> None:
+    # A read refused for good (the token no longer valid: 401) fails the attempt; the prediction it
+    # leaves running is cancelled at Replicate, so that it is not paid for beside the next one.
+    simulator.latency = 5
+    simulator.inject(Fault("http", status=401, on="get"))
+    user, thread = await new_user_thread(db_url, plan="premium")
+    settings = worker_settings(simulator.base_url, replicate_prefer_wait_seconds=1, worker_retry_base_seconds=0.05)
+    async with running_worker(settings, db_url):
+        await say(db_url, user, thread, "a long one")
+        [run] = await finished_runs(db_url, 1, timeout=30)
+    assert (run["status"], run["last_error_code"]) == ("failed", "unauthorized")  # not retried: the token is refused
+    [prediction] = simulator.predictions.values()
+    assert prediction.canceled_at is not None
+    assert [r.path for r in simulator.requests if r.method == "POST" and r.path.endswith("/cancel")] == \
+        [f"/v1/predictions/{prediction.id}/cancel"]
+
+
 class WatchedStore(PostgresStore):
     """The worker's own store, noting each call that failed because the database was away."""
 

@@ -381,6 +381,20 @@ class ReplicateClient:
                                "error": type(exc).__name__})
         return False
 
+    async def _read_again(self, prediction_id: str, token: str | None, last: dict[str, Any]) -> dict[str, Any]:
+        """The prediction as Replicate reports it now. A read that failed in a way worth trying
+        again (5xx, 429, a timeout, a garbled body), past its HTTP retries, leaves the last state
+        known, and the caller reads again until the prediction's deadline: the prediction runs on
+        at Replicate, and failing the attempt would pay for a second one."""
+        try:
+            return await self.get(prediction_id, token)
+        except ProviderError as exc:
+            if not exc.retryable:
+                raise
+            log.warning("reading the prediction failed; reading it again",
+                        extra={"event": "prediction.read_failed", "prediction_id": prediction_id, "error_code": exc.code})
+            return last
+
     async def run(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None, *,
                   on_text: OnText | None = None, handle: PredictionHandle | None = None) -> tuple[dict[str, Any], int]:
         """Run one prediction until it succeeds: the final prediction object and the latency in
@@ -399,7 +413,7 @@ class ReplicateClient:
             if isinstance(stream_url, str) and stream_url.startswith(("https://", "http://")) \
                     and prediction["status"] not in TERMINAL:
                 if await self._stream(stream_url, token, on_text, handle, started):  # type: ignore[arg-type]
-                    prediction = handle.last = await self.get(prediction_id, token)
+                    prediction = handle.last = await self._read_again(prediction_id, token, prediction)
             while prediction["status"] not in TERMINAL:
                 if time.monotonic() >= deadline:
                     await self.cancel(prediction_id, token)
@@ -407,12 +421,14 @@ class ReplicateClient:
                                         retryable=True)
                 await self.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 1.5, 2.0)
-                prediction = handle.last = await self.get(prediction_id, token)
+                prediction = handle.last = await self._read_again(prediction_id, token, prediction)
         except asyncio.CancelledError:
             handle.last = await asyncio.shield(self.cancel(prediction_id, token)) or handle.last
             raise
         except ProviderError as exc:
             exc.prediction_id = exc.prediction_id or prediction_id
+            if exc.code != "timeout" and handle.last.get("status") not in TERMINAL:
+                await self.cancel(prediction_id, token)  # best effort: the attempt gives it up, so nobody pays for it
             raise
         status = prediction["status"]
         if status != "succeeded":

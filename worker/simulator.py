@@ -4,7 +4,8 @@ It speaks the documented HTTP API on loopback: `POST /v1/models/{owner}/{name}/p
 (official models), `POST /v1/predictions` (by version), `GET /v1/predictions/{id}`,
 `POST /v1/predictions/{id}/cancel`, with `Prefer: wait[=N]`, `Authorization: Bearer`, prediction
 objects with `urls` pointing back at itself, `metrics`, and problem+json errors. Latency, the
-reply and faults are configurable; faults are consumed one per create request, in order."""
+reply and faults are configurable; faults are consumed in order, one per create request, or one
+per read (`GET /v1/predictions/{id}`) for faults injected with `on="get"`."""
 
 from __future__ import annotations
 
@@ -33,15 +34,19 @@ class Fault:
 
     kind: `http` (answer `status` with a problem+json body, `retry_after` as header if set,
     `detail` as message), `failed` / `canceled` (the prediction ends so), `malformed` (the
-    prediction succeeds with an output that is not text), `garbage` (a 200 that is not JSON),
+    prediction succeeds with an output that is not text), `garbage` (a 201, or 200 for a read, that is not JSON),
     `hang` (the create request never answers), `stream_error` (the stream sends an `error`
     event halfway and the prediction fails), `stream_break` (the stream is cut halfway, the
-    prediction itself succeeds)."""
+    prediction itself succeeds).
+
+    on: `create` (the default) or `get`: a read of a prediction answers with the fault instead
+    (kinds `http`, `garbage` and `hang` only), and the prediction itself goes on."""
 
     kind: str
     status: int = 500
     retry_after: float | None = None
     detail: str | None = None
+    on: str = "create"
 
 
 @dataclass
@@ -168,7 +173,30 @@ class ReplicateSimulator:
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
 
     def inject(self, *faults: Fault) -> None:
+        for fault in faults:
+            if fault.on not in ("create", "get") or (fault.on == "get" and fault.kind not in ("http", "garbage", "hang")):
+                raise ValueError(f"a fault cannot be {fault.kind} on {fault.on}")
         self.faults.extend(faults)
+
+    def _next_fault(self, on: str) -> Fault | None:
+        for index, fault in enumerate(self.faults):
+            if fault.on == on:
+                return self.faults.pop(index)
+        return None
+
+    async def _refusal(self, fault: Fault | None, ok_status: int) -> web.Response | None:
+        """The answer to a request that meets an http, garbage or hang fault; None otherwise."""
+        if fault and fault.kind == "hang":
+            await self._closing.wait()  # until the client gives up, or the simulator stops
+            return web.Response(status=503)
+        if fault and fault.kind == "garbage":
+            return web.Response(status=ok_status, text="<html>bad gateway</html>", content_type="text/html")
+        if fault and fault.kind == "http":
+            headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
+            titles = {429: "Too Many Requests", 402: "Insufficient credit", 401: "Unauthenticated", 422: "Input validation failed"}
+            return self._problem(fault.status, titles.get(fault.status, "Server error"),
+                                 fault.detail or "simulated failure", headers)
+        return None
 
     @property
     def creates(self) -> list[RecordedRequest]:
@@ -239,17 +267,10 @@ class ReplicateSimulator:
         if request.headers.get("Prefer") and not prefer:
             return self._problem(422, "Invalid Prefer header", "Prefer must be wait or wait=N")
 
-        fault = self.faults.pop(0) if self.faults else None
-        if fault and fault.kind == "hang":
-            await self._closing.wait()  # until the client gives up, or the simulator stops
-            return web.Response(status=503)
-        if fault and fault.kind == "garbage":
-            return web.Response(status=201, text="<html>bad gateway</html>", content_type="text/html")
-        if fault and fault.kind == "http":
-            headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
-            titles = {429: "Too Many Requests", 402: "Insufficient credit", 401: "Unauthenticated", 422: "Input validation failed"}
-            return self._problem(fault.status, titles.get(fault.status, "Server error"),
-                                 fault.detail or "simulated failure", headers)
+        fault = self._next_fault("create")
+        refusal = await self._refusal(fault, 201)
+        if refusal is not None:
+            return refusal
 
         model_input = body["input"]
         embeddings = embedding_output(model_input)
@@ -289,6 +310,9 @@ class ReplicateSimulator:
         prediction = await self._prediction(request)
         if isinstance(prediction, web.Response):
             return prediction
+        refusal = await self._refusal(self._next_fault("get"), 200)
+        if refusal is not None:
+            return refusal
         return web.json_response(prediction.to_json(time.time()))
 
     async def _account(self, request: web.Request) -> web.StreamResponse:
