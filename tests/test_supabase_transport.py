@@ -20,7 +20,7 @@ from tests.supabase_emulator import SupabaseEmulator, make_jwt, pg_error_status
 from worker.app import build_worker, open_transport, replicate_http, web_http
 from worker.pipeline import Worker
 from worker.simulator import ReplicateSimulator
-from worker.store import PostgrestStore, StoreUnavailable
+from worker.store import PostgrestStore, StoreUnavailable, transient
 from worker.wakeups import RealtimeWakeups
 
 
@@ -105,10 +105,14 @@ async def test_dropped_and_refused_realtime_reconnects_and_answers_what_arrived_
     worker, task, http = await start_worker(settings, wakeups)
     try:
         await wait_until(lambda: live(worker), what="the first subscription")
-        supabase.refuse_for(2.0)
+        supabase.refuse_for(3600)  # lifted once the messages are in
         await supabase.drop_connections()
         await wait_until(lambda: asyncio.sleep(0, not wakeups.live), what="the drop to be noticed")
         messages = [await say(db_url, user, thread, f"sent while Realtime was down ({i})") for i in range(3)]
+        # realtime-py's own reconnections are refused until it gives up, and the supervisor rebuilds.
+        await wait_until(checking(lambda: supabase.refused >= 1 and wakeups.rebuilds >= 1), 30,
+                         "reconnections to be refused and the client rebuilt")
+        supabase.refuse_for(0)
         # The periodic sweep is an hour away (worker_settings): the sweep that follows the
         # reconnection answers them.
         runs = await finished_runs(db_url, 3, timeout=30)
@@ -181,6 +185,39 @@ async def test_a_refused_changes_subscription_is_not_live_and_is_retried_with_ba
     gaps = [b - a for a, b in zip(supabase.joined_at[1:], supabase.joined_at[2:], strict=False)]
     assert gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps
     assert wakeups.subscription_errors >= 3
+
+
+async def test_a_subscription_that_keeps_failing_once_confirmed_is_rebuilt_with_growing_backoff(
+        db_url, simulator, supabase) -> None:
+    # Realtime confirms each subscription, then reports it failed 0.2 s later, again and again (its
+    # change capture crashing and restarting): a confirmation alone does not reset the backoff,
+    # or the worker would reconnect twice a second for as long as it lasts.
+    settings = supabase_settings(simulator, supabase)
+    wakeups = RealtimeWakeups(settings.supabase_url, supabase.service_role_key, check_seconds=0.1,
+                              unhealthy_grace_seconds=5, max_backoff=4.0)
+    worker, task, http = await start_worker(settings, wakeups)
+    try:
+        await wait_until(lambda: live(worker), what="the first subscription")
+        supabase.flap_postgres_changes(0.2)
+        await supabase.drop_connections()
+        await wait_until(checking(lambda: len(supabase.joins) >= 5), 20, "four more joins")
+    finally:
+        await stop_worker(worker, task, http)
+    assert wakeups.subscription_errors >= 3
+    gaps = [b - a for a, b in zip(supabase.joined_at[2:], supabase.joined_at[3:], strict=False)]
+    assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps  # 0.2 s confirmed + 1, then + 2: the delay grows
+
+
+@pytest.mark.parametrize(("code", "retry"), [
+    ("PGRST000", True), ("PGRST001", True), ("503", True), ("502", True), ("08006", True), ("53300", True),
+    ("57P01", True), ("40001", True), ("40P01", True),
+    # a body that is not PostgREST's carries the HTTP status as its code: a 4xx is no outage
+    ("400", False), ("401", False), ("404", False), ("409", False),
+    ("40003", False),  # statement completion unknown: it may have been written
+    ("42501", False), ("23505", False), ("P0002", False), ("", False),
+])
+def test_which_postgrest_errors_are_retried(code: str, retry: bool) -> None:
+    assert transient(code) is retry
 
 
 async def test_a_database_outage_behind_postgrest_is_retried_and_the_reply_written_once(db_url, simulator,

@@ -217,6 +217,18 @@ class PostgresStore(RunStore):
         return found if rows else found[0]["value"]
 
 
+def transient(code: str) -> bool:
+    """A PostgREST error worth retrying: it could not reach or keep its database (PGRST000-003),
+    a gateway in front of it failed (the HTTP status is the code when the body is not PostgREST's),
+    or PostgreSQL refused for now, as PostgresStore's OperationalError does: connection (08), out
+    of resources or connections (53), shutdown (57P), serialization failure or deadlock (40001,
+    40P01: the transaction was rolled back, nothing was written). SQLSTATEs are five characters:
+    the HTTP statuses 400-409 of a non-PostgREST body are not class 40."""
+    if code.startswith("PGRST00") or code in ("502", "503", "504"):
+        return True
+    return len(code) == 5 and (code[:2] in ("08", "53") or code.startswith("57P") or code in ("40001", "40P01"))
+
+
 class PostgrestStore(RunStore):
     """Supabase: `POST /rest/v1/rpc/<fn>` with the service role key, through supabase-py."""
 
@@ -242,9 +254,7 @@ class PostgrestStore(RunStore):
         except APIError as exc:
             if exc.code == "P0002":
                 raise RunGone(exc.message or "run not found") from exc
-            # As PostgresStore's OperationalError: connection (08), too many connections or out of
-            # resources (53), serialization failure or deadlock (40: nothing was written), shutdown (57P).
-            if str(exc.code or "").startswith(("PGRST00", "08", "53", "40", "57P", "503", "502", "504")):
+            if transient(str(exc.code or "")):
                 raise StoreUnavailable(f"PostgREST: {exc.message}") from exc
             raise
         return response.data
