@@ -369,3 +369,29 @@ async def test_creates_are_spread_under_replicates_rate_limit(stub: ReplicateStu
 ])
 def test_retry_after_is_read_defensively(header: str, expected: float | None) -> None:
     assert parse_retry_after(CIMultiDict({"Retry-After": header}), "") == expected
+
+
+async def test_reads_that_keep_failing_are_read_again_apart_and_warned_of_once(stub: ReplicateStub, caplog) -> None:
+    stub.post(CHAT_PATH).respond(201, json=prediction("processing", output=[]))
+    stub.get("/v1/predictions/p1").side_effect(
+        Reply(503, json={"detail": "down"}), Reply(429, json={"detail": "slow down"}, headers={"Retry-After": "7"}),
+        Reply(500, json={"detail": "down"}), Reply(200, json=prediction()))
+    slept: list[float] = []
+    with caplog.at_level("DEBUG", logger="worker.provider"):
+        result = await predict(settings(stub, replicate_max_http_retries=0), slept=slept)
+    assert result.text == "Navy goes with camel."
+    # After each failed read the next waits at least 2 s, or what Retry-After asked (7 s, once).
+    assert slept[1:] == [2.0, 7.0, 2.0], slept
+    warnings = [r for r in caplog.records if r.getMessage().startswith("reading the prediction failed")]
+    assert [r.levelname for r in warnings] == ["WARNING", "DEBUG", "DEBUG"]
+
+
+async def test_a_read_that_hangs_ends_at_the_predictions_deadline(stub: ReplicateStub) -> None:
+    # The HTTP timeout is an hour: only the prediction's own deadline can end the read.
+    stub.post(CHAT_PATH).respond(201, json=prediction("processing", output=[]))
+    stub.get("/v1/predictions/p1").always(HANG)
+    cancel = stub.post("/v1/predictions/p1/cancel").respond(200, json=prediction("canceled", output=[]))
+    s = settings(stub, replicate_timeout_seconds=3600, prediction_timeout_seconds=0.5, replicate_max_http_retries=0)
+    with pytest.raises(ProviderError) as failure:
+        await asyncio.wait_for(predict(s), 60)  # a bound for the test only: a hang fails it instead of CI
+    assert failure.value.code == "timeout" and cancel.call_count == 1

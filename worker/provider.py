@@ -89,6 +89,7 @@ class PredictionHandle:
     prediction_id: str | None = None
     last: dict[str, Any] = field(default_factory=dict)
     time_to_first_token_ms: int | None = None
+    read_failures: int = 0  # reads of the prediction that failed and were tried again
 
 
 OnText = Callable[[str], Awaitable[None]]
@@ -381,19 +382,28 @@ class ReplicateClient:
                                "error": type(exc).__name__})
         return False
 
-    async def _read_again(self, prediction_id: str, token: str | None, last: dict[str, Any]) -> dict[str, Any]:
-        """The prediction as Replicate reports it now. A read that failed in a way worth trying
-        again (5xx, 429, a timeout, a garbled body), past its HTTP retries, leaves the last state
-        known, and the caller reads again until the prediction's deadline: the prediction runs on
-        at Replicate, and failing the attempt would pay for a second one."""
+    async def _read_again(self, prediction_id: str, token: str | None, last: dict[str, Any], deadline: float,
+                          delay: float, handle: PredictionHandle) -> tuple[dict[str, Any], float]:
+        """The prediction as Replicate reports it now, and the delay before the next read. A read
+        that failed in a way worth trying again (5xx, 429, a timeout, a garbled body), past its
+        HTTP retries, leaves the last state known, and the caller reads again until the
+        prediction's deadline: the prediction runs on at Replicate, and failing the attempt would
+        pay for a second one. The read itself ends at the deadline; the next one waits at least
+        what Replicate asked (Retry-After) or 2 s."""
         try:
-            return await self.get(prediction_id, token)
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+                return await self.get(prediction_id, token), delay
+        except TimeoutError:
+            code, retry_after = "timeout", None
         except ProviderError as exc:
             if not exc.retryable:
                 raise
-            log.warning("reading the prediction failed; reading it again",
-                        extra={"event": "prediction.read_failed", "prediction_id": prediction_id, "error_code": exc.code})
-            return last
+            code, retry_after = exc.code, exc.retry_after
+        # Once per prediction at warning level: an outage at Replicate would otherwise log every read.
+        log.log(logging.DEBUG if handle.read_failures else logging.WARNING, "reading the prediction failed; reading it again",
+                extra={"event": "prediction.read_failed", "prediction_id": prediction_id, "error_code": code})
+        handle.read_failures += 1
+        return last, max(delay, retry_after if retry_after is not None else 2.0)
 
     async def run(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None, *,
                   on_text: OnText | None = None, handle: PredictionHandle | None = None) -> tuple[dict[str, Any], int]:
@@ -413,7 +423,8 @@ class ReplicateClient:
             if isinstance(stream_url, str) and stream_url.startswith(("https://", "http://")) \
                     and prediction["status"] not in TERMINAL:
                 if await self._stream(stream_url, token, on_text, handle, started):  # type: ignore[arg-type]
-                    prediction = handle.last = await self._read_again(prediction_id, token, prediction)
+                    prediction, delay = await self._read_again(prediction_id, token, prediction, deadline, delay, handle)
+                    handle.last = prediction
             while prediction["status"] not in TERMINAL:
                 if time.monotonic() >= deadline:
                     await self.cancel(prediction_id, token)
@@ -421,14 +432,16 @@ class ReplicateClient:
                                         retryable=True)
                 await self.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 1.5, 2.0)
-                prediction = handle.last = await self._read_again(prediction_id, token, prediction)
+                prediction, delay = await self._read_again(prediction_id, token, prediction, deadline, delay, handle)
+                handle.last = prediction
         except asyncio.CancelledError:
             handle.last = await asyncio.shield(self.cancel(prediction_id, token)) or handle.last
             raise
         except ProviderError as exc:
             exc.prediction_id = exc.prediction_id or prediction_id
             if exc.code != "timeout" and handle.last.get("status") not in TERMINAL:
-                await self.cancel(prediction_id, token)  # best effort: the attempt gives it up, so nobody pays for it
+                # best effort: the attempt gives the prediction up, so nobody pays for it
+                await asyncio.shield(self.cancel(prediction_id, token))
             raise
         status = prediction["status"]
         if status != "succeeded":
