@@ -164,6 +164,8 @@ class SupabaseEmulator:
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     refuse_until: float = 0.0
     postgres_changes_failing: bool = False
+    postgres_changes_flapping: float | None = None  # seconds a subscription lasts before it fails
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     database_cut: socket.socket | None = None  # while set: a bound port nobody listens on
     delivered: int = 0
     refused: int = 0  # websocket upgrades answered 503 while refusing
@@ -190,6 +192,8 @@ class SupabaseEmulator:
 
     async def stop(self) -> None:
         self.restore_database()
+        for task in list(self._tasks):
+            task.cancel()
         if self._listener:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -223,6 +227,13 @@ class SupabaseEmulator:
 
     def restore_postgres_changes(self) -> None:
         self.postgres_changes_failing = False
+        self.postgres_changes_flapping = None
+
+    def flap_postgres_changes(self, lasting: float) -> None:
+        """Every new subscription to database changes is confirmed, then fails `lasting` seconds
+        later (the error system message on a joined channel), as when the server's change
+        capture keeps crashing and restarting."""
+        self.postgres_changes_flapping = lasting
 
     def cut_database(self) -> None:
         """PostgREST loses its database: every RPC's connection is refused (503 PGRST000)."""
@@ -434,6 +445,18 @@ class SupabaseEmulator:
         await self._send(subscription.ws, subscription.topic, "system", {
             "channel": subscription.topic.removeprefix("realtime:"), "extension": "postgres_changes",
             "message": message, "status": "ok" if subscription.subscribed else "error"}, None)
+        if subscription.subscribed and self.postgres_changes_flapping is not None:
+            self._tasks.add(task := asyncio.create_task(self._fail_later(subscription, self.postgres_changes_flapping)))
+            task.add_done_callback(self._tasks.discard)
+
+    async def _fail_later(self, subscription: Subscription, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if subscription in self.subscriptions and not subscription.ws.closed:
+            subscription.subscribed = False
+            with contextlib.suppress(ConnectionError):
+                await self._send(subscription.ws, subscription.topic, "system", {
+                    "channel": subscription.topic.removeprefix("realtime:"), "extension": "postgres_changes",
+                    "message": subscription.bindings[0].subscribe_error(), "status": "error"}, None)
 
     async def _listen_changes(self) -> None:
         while True:

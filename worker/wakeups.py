@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -91,14 +92,15 @@ class RealtimeWakeups:
             backoff = min(backoff * 2, self.max_backoff)
 
     async def _session(self, wake: Wake) -> bool:
-        """One client and channel, until they must be rebuilt. True if changes were flowing (the
-        server had confirmed the subscription): only then does the next rebuild come without delay
-        growing, so that a subscription the server keeps refusing is retried with backoff."""
+        """One client and channel, until they must be rebuilt. True if changes had been flowing
+        (the server confirmed the subscription) for at least `unhealthy_grace_seconds`: only then
+        does the next rebuild come without its delay growing, so that a subscription the server
+        keeps refusing, or confirms and then drops again and again, is retried with backoff."""
         from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
 
         client = AsyncRealtimeClient(self.realtime_url, token=self.key, **self.realtime_options)
         ended = asyncio.Event()
-        confirmed = False
+        confirmed_at: float | None = None
 
         def on_insert(payload: Any) -> None:
             wake()
@@ -116,13 +118,14 @@ class RealtimeWakeups:
         def on_system(payload: Any) -> None:
             # The join reply only means the channel exists; changes flow once the server says
             # "Subscribed to PostgreSQL". Anything committed before that is found by the sweep.
-            nonlocal confirmed
+            nonlocal confirmed_at
             if getattr(payload, "extension", None) != "postgres_changes":
                 return
             if getattr(payload, "status", None) == "ok":
                 if not self.live:
                     log.info("subscribed", extra={"event": "wakeups.live", "transport": "supabase"})
-                self.live = confirmed = True
+                self.live = True
+                confirmed_at = confirmed_at or time.monotonic()
                 wake("actions")
             else:  # realtime-py versions that pass errors to system callbacks
                 subscription_failed(str(getattr(payload, "message", payload)))
@@ -152,7 +155,7 @@ class RealtimeWakeups:
             channel.on_system(on_system)
             await channel.subscribe(on_state)
             await self._watch(client, channel, ended)
-            return confirmed
+            return confirmed_at is not None and time.monotonic() - confirmed_at >= self.unhealthy_grace_seconds
         finally:
             self.live = False
             with contextlib.suppress(Exception):
