@@ -114,7 +114,8 @@ def test_a_thread_moves_only_to_an_assistant_the_user_is_offered(conn) -> None:
         cur.execute("update assistant_threads set title = 'Old chat', archived_at = now() where id = %s", (member_thread,))
         assert cur.rowcount == 1
         assert cur.execute(move, (members, member_thread)).fetchone() == (members,)
-    conn.execute("update assistant_threads set assistant_id = %s where id = %s", (hidden, guest_thread))  # the service role may
+    with request(conn, postgrest.service(), commit=True) as cur:  # the service role may
+        assert cur.execute(move, (hidden, guest_thread)).fetchone() == (hidden,)
 
 
 async def test_the_users_profile_joins_the_system_prompt(db_url, simulator) -> None:

@@ -325,14 +325,21 @@ async def test_faults_on_reads_of_a_running_prediction_cost_no_second_prediction
     # after a stream), whether within the HTTP retry budget of one read or past it: the worker reads
     # the same prediction again until its deadline. The attempt does not fail, no second prediction
     # is paid for, one reply, no run left claimed, usage counted once.
-    simulator.latency = 1.2  # longer than Prefer: wait below, so that the worker reads it again
+    # Streamed, the create does not wait and the stream lasts 1.2 s: the faults meet the final read
+    # and the polls after it. Polled, the prediction runs until every fault has met a read (Prefer:
+    # wait returns it still running), and is then ended by hand.
+    simulator.latency = 1.2 if stream else 600
     simulator.inject(*READ_FAULTS)
     user, thread = await new_user_thread(db_url, plan="premium")
     settings = worker_settings(simulator.base_url, replicate_max_http_retries=http_retries, replicate_timeout_seconds=0.5,
                                replicate_prefer_wait_seconds=1, replicate_max_retry_after_seconds=0.5,
-                               worker_retry_base_seconds=0.05, worker_lease_seconds=10)
+                               worker_retry_base_seconds=0.05, worker_lease_seconds=30)
     async with running_worker(settings, db_url, stream=stream):
         message = await say(db_url, user, thread, "read me carefully")
+        if not stream:
+            await wait_until(checking(lambda: simulator.faults == []), 30, "every read fault to be met")
+            [prediction] = simulator.predictions.values()
+            prediction.latency = time.time() - prediction.created  # it ends now
         [run] = await finished_runs(db_url, 1, timeout=30)
     assert simulator.faults == []  # every read fault was met
     assert (run["status"], run["attempts"]) == ("completed", 1)
@@ -387,7 +394,8 @@ async def test_the_worker_recovers_from_a_database_restart_and_reports_it(own_cl
     cluster, url = own_cluster
     user, thread = await new_user_thread(url, plan="premium")
     # Prefer: wait for 1 s, then polls: a prediction ended by hand is seen at the next poll.
-    settings = worker_settings(simulator.base_url, worker_sweep_interval_seconds=0.5, worker_lease_seconds=10,
+    # A lease far longer than the outage: a run must not be taken over for taking long.
+    settings = worker_settings(simulator.base_url, worker_sweep_interval_seconds=0.5, worker_lease_seconds=60,
                                replicate_prefer_wait_seconds=1)
     store = await WatchedStore.connect(url)
     store.failed = []
@@ -402,8 +410,9 @@ async def test_the_worker_recovers_from_a_database_restart_and_reports_it(own_cl
                 await finished_runs(url, 1)
                 in_flight = None
                 if outage != "while_idle":
-                    # A prediction that outlasts any restart; it is ended by hand once the database is back.
-                    simulator.latency = 600.0 if outage == "while_a_prediction_runs" else 2.0
+                    # A prediction that outlasts any restart; it is ended by hand: once the database is
+                    # back, or (the reply is written) once it is down.
+                    simulator.latency = 600.0
                     in_flight = await say(url, user, thread, "during the restart")
                     await wait_until(checking(lambda: len(simulator.creates) == 2), what="the prediction to start")
                     [prediction] = [p for p in simulator.predictions.values() if "during the restart" in p.input["prompt"]]
@@ -412,8 +421,9 @@ async def test_the_worker_recovers_from_a_database_restart_and_reports_it(own_cl
                 await wait_until(lambda: not_ready(http, base), what="readiness to drop")
                 assert (await http.get(f"{base}/healthz")).status_code == 200  # alive, just not ready
                 if outage == "while_the_reply_is_written":
+                    prediction.latency = time.time() - prediction.created  # it ends now, the database down
                     await wait_until(checking(lambda: {"complete_run", "complete_runs"} & set(store.failed)),
-                                     timeout=10, what="the reply's write to fail")
+                                     timeout=30, what="the reply's write to fail")
                 await asyncio.to_thread(cluster.start)
                 if outage == "while_a_prediction_runs":
                     # The database came back before the prediction ended, and no write was tried.

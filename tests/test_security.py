@@ -171,6 +171,13 @@ def test_arbitrary_client_inserts_are_stored_exactly_or_refused(fuzz_world, cont
                      json.dumps(metadata))).fetchone()
         except REFUSALS as refusal:
             assert refusal.diag.message_primary  # every refusal says why
+            # ... and only what breaks a stated rule is refused (a bound made tighter would show)
+            size = conn.execute("select pg_column_size(%s::jsonb)", (json.dumps(metadata),)).fetchone()[0] \
+                if "\\u0000" not in json.dumps(metadata) else None
+            assert (role != "user" or not 1 <= len(content) <= 8000 or not isinstance(metadata, dict)
+                    or size is None or size > 16384
+                    or (image_url is not None and (not 1 <= len(image_url) <= 2048
+                                                   or not image_url.startswith(("https://", "storage://"))))), refusal
             return
         assert row[0] == "user" and role == "user"
         assert row[1] == content and row[2] is True and row[3] == image_url  # jsonb equality: numbers as numbers
@@ -181,9 +188,9 @@ def test_arbitrary_client_inserts_are_stored_exactly_or_refused(fuzz_world, cont
 
 
 
-def stored_or_refused(fuzz_world, write) -> None:
+def stored_or_refused(fuzz_world, write, broken) -> None:
     """One client request: `write(cur, reply)` stores and checks what it sent, or the database
-    refuses it with a reason."""
+    refuses it with a reason, and only if `broken(conn)`: what was sent breaks a stated rule."""
     conn, user, thread = fuzz_world
     reply = conn.execute("select id from assistant_messages where thread_id = %s and role = 'assistant'",
                          (thread,)).fetchone()[0]
@@ -193,6 +200,7 @@ def stored_or_refused(fuzz_world, write) -> None:
                 write(cur, reply)
         except REFUSALS as refusal:
             assert refusal.diag.message_primary  # every refusal says why
+            assert broken(conn), refusal
 
 
 def has_nul(*values) -> bool:
@@ -211,7 +219,7 @@ def test_arbitrary_thread_titles_are_stored_exactly_or_refused(fuzz_world, title
         assert stored == (title,) and len(title) <= 120
 
     if not has_nul(title):
-        stored_or_refused(fuzz_world, write)
+        stored_or_refused(fuzz_world, write, lambda _conn: len(title) > 120)
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -233,8 +241,15 @@ def test_arbitrary_profiles_are_stored_exactly_or_refused(fuzz_world, experience
         assert isinstance(goals, list) and len(goals) <= 20 and isinstance(preferences, dict)
         assert len(experience) <= 200 and row[3] <= 4096  # as the constraint measures it: uncompressed
 
+    def broken(conn) -> bool:
+        if not isinstance(goals, list) or len(goals) > 20 or not isinstance(preferences, dict) or len(experience) > 200:
+            return True
+        size = conn.execute("select pg_column_size(%s::jsonb) + pg_column_size(%s::jsonb)",
+                            (json.dumps(goals), json.dumps(preferences))).fetchone()[0]
+        return size > 4096
+
     if not has_nul(experience, goals, preferences):
-        stored_or_refused(fuzz_world, write)
+        stored_or_refused(fuzz_world, write, broken)
 
 
 @FUZZ
@@ -247,7 +262,7 @@ def test_arbitrary_feedback_is_stored_exactly_or_refused(fuzz_world, rating, com
         assert row == (rating, comment) and rating in (-1, 1) and (comment is None or len(comment) <= 5000)
 
     if not has_nul(comment):
-        stored_or_refused(fuzz_world, write)
+        stored_or_refused(fuzz_world, write, lambda _conn: rating not in (-1, 1) or (comment is not None and len(comment) > 5000))
 
 
 # -- malformed provider answers never escape as anything but a ProviderError ---------------------
@@ -296,8 +311,9 @@ def test_malformed_prediction_streams_become_error_codes(events, raw, final, str
 
     async def scenario() -> None:
         async with ReplicateStub() as stub:
+            # The deadline is also the stream's whole time: long enough to read it on a slow machine.
             s = Settings(replicate_api_token="r8_test", replicate_base_url=stub.base_url,
-                         replicate_max_http_retries=0, prediction_timeout_seconds=0.05, replicate_max_creates_per_minute=0)
+                         replicate_max_http_retries=0, prediction_timeout_seconds=0.3, replicate_max_creates_per_minute=0)
             created = {"id": "p1", "status": "starting", "output": None,
                        "urls": {"get": f"{stub.base_url}/v1/predictions/p1", "stream": f"{stub.base_url}/v1/streams/p1",
                                 "cancel": f"{stub.base_url}/v1/predictions/p1/cancel"}}
