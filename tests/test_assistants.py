@@ -118,6 +118,13 @@ def test_a_thread_moves_only_to_an_assistant_the_user_is_offered(conn) -> None:
         assert cur.execute(move, (hidden, guest_thread)).fetchone() == (hidden,)
 
 
+@pytest.mark.parametrize("change", ["offered_to = 'members'", "is_active = false"])
+def test_the_default_assistant_stays_active_and_offered_to_everyone(conn, change: str) -> None:
+    # Threads without an assistant are answered by the default one, guests' threads too.
+    with pytest.raises(psycopg.errors.CheckViolation, match="assistants_default_is_active_and_offered_to_everyone"):
+        conn.execute(f"update assistants set {change} where is_default")
+
+
 async def test_the_users_profile_joins_the_system_prompt(db_url, simulator) -> None:
     user, thread = await new_user_thread(db_url)
     await as_user(db_url, user, "insert into ai_profiles (goals, experience_level, preferences) values (%s, %s, %s)",

@@ -9,6 +9,9 @@
 --    allowed. A trigger of its own, so that the existing guard and the update policy stay as
 --    they are: a thread whose assistant was withdrawn later can still be renamed and archived.
 --    The existing guard's refusal now names assistant_id among what a client may change.
+--    A thread without an assistant is answered by the default one: the default assistant must
+--    therefore be active and offered to everyone, or moving a thread to none (or a thread made
+--    before any assistant was picked) would reach what the user is not offered.
 -- 2. default_assistant_id() is executed by signed-in users only (it is the column default of
 --    assistant_threads.assistant_id); anon has no insert on threads and no reason to call it.
 
@@ -54,6 +57,10 @@ begin
   return new;
 end
 $$;
+
+alter table public.assistants
+  add constraint assistants_default_is_active_and_offered_to_everyone
+  check (not is_default or (is_active and offered_to = 'everyone'));
 
 revoke execute on function public.assistant_threads_guard_assistant() from public, anon, authenticated;
 revoke execute on function public.default_assistant_id() from public, anon;

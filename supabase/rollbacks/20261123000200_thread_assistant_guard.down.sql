@@ -2,6 +2,7 @@
 begin;
 drop trigger assistant_threads_guard_assistant on public.assistant_threads;
 drop function public.assistant_threads_guard_assistant();
+alter table public.assistants drop constraint assistants_default_is_active_and_offered_to_everyone;
 grant execute on function public.default_assistant_id() to public, anon;
 create or replace function public.assistant_threads_guard_update() returns trigger
 language plpgsql
