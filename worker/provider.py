@@ -382,17 +382,18 @@ class ReplicateClient:
                                "error": type(exc).__name__})
         return False
 
-    async def _read_again(self, prediction_id: str, token: str | None, last: dict[str, Any], deadline: float,
-                          delay: float, handle: PredictionHandle) -> tuple[dict[str, Any], float]:
-        """The prediction as Replicate reports it now, and the delay before the next read. A read
-        that failed in a way worth trying again (5xx, 429, a timeout, a garbled body), past its
-        HTTP retries, leaves the last state known, and the caller reads again until the
+    async def _read_again(self, handle: PredictionHandle, token: str | None, deadline: float, delay: float) -> float:
+        """Reads the prediction into `handle.last`; returns the delay before the next read. A
+        read that failed in a way worth trying again (5xx, 429, a timeout, a garbled body), past
+        its HTTP retries, leaves the last state known, and the caller reads again until the
         prediction's deadline: the prediction runs on at Replicate, and failing the attempt would
         pay for a second one. The read itself ends at the deadline; the next one waits at least
         what Replicate asked (Retry-After) or 2 s."""
+        prediction_id = str(handle.prediction_id)
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
-                return await self.get(prediction_id, token), delay
+                handle.last = await self.get(prediction_id, token)
+                return delay
         except TimeoutError:
             code, retry_after = "timeout", None
         except ProviderError as exc:
@@ -403,7 +404,7 @@ class ReplicateClient:
         log.log(logging.DEBUG if handle.read_failures else logging.WARNING, "reading the prediction failed; reading it again",
                 extra={"event": "prediction.read_failed", "prediction_id": prediction_id, "error_code": code})
         handle.read_failures += 1
-        return last, max(delay, retry_after if retry_after is not None else 2.0)
+        return max(delay, retry_after if retry_after is not None else 2.0)
 
     async def run(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None, *,
                   on_text: OnText | None = None, handle: PredictionHandle | None = None) -> tuple[dict[str, Any], int]:
@@ -423,8 +424,8 @@ class ReplicateClient:
             if isinstance(stream_url, str) and stream_url.startswith(("https://", "http://")) \
                     and prediction["status"] not in TERMINAL:
                 if await self._stream(stream_url, token, on_text, handle, started):  # type: ignore[arg-type]
-                    prediction, delay = await self._read_again(prediction_id, token, prediction, deadline, delay, handle)
-                    handle.last = prediction
+                    delay = await self._read_again(handle, token, deadline, delay)
+                    prediction = handle.last
             while prediction["status"] not in TERMINAL:
                 if time.monotonic() >= deadline:
                     await self.cancel(prediction_id, token)
@@ -432,8 +433,8 @@ class ReplicateClient:
                                         retryable=True)
                 await self.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 1.5, 2.0)
-                prediction, delay = await self._read_again(prediction_id, token, prediction, deadline, delay, handle)
-                handle.last = prediction
+                delay = await self._read_again(handle, token, deadline, delay)
+                prediction = handle.last
         except asyncio.CancelledError:
             handle.last = await asyncio.shield(self.cancel(prediction_id, token)) or handle.last
             raise
