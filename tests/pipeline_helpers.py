@@ -78,6 +78,13 @@ async def wait_until(check: Callable[[], Awaitable[Any]], timeout: float = 15.0,
         await asyncio.sleep(0.02)
 
 
+def checking(predicate: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
+    """wait_until's check for a plain condition (on the simulator's or an emulator's state, say)."""
+    async def check() -> Any:
+        return predicate()
+    return check
+
+
 async def finished_runs(db_url: str, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
     async def check() -> list[dict[str, Any]] | None:
         rows = await query(db_url, "select * from assistant_runs where status not in ('queued', 'in_progress')")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import psycopg.errors
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from tests.pipeline_helpers import (
     NoWakeups,
     as_user,
+    checking,
     new_user_thread,
     query,
     running_worker,
@@ -53,7 +53,7 @@ async def test_cancelling_during_the_prediction_cancels_it_at_replicate(db_url, 
     wakeups = NoWakeups() if hint == "poll" else None  # without NOTIFY the worker looks every second
     async with running_worker(settings, db_url, wakeups=wakeups) as worker:
         message = await say(db_url, user, thread, "a long answer please")
-        await wait_until(lambda: asyncio.sleep(0, [r for r in simulator.requests if r.method == "GET"]),
+        await wait_until(checking(lambda: [r for r in simulator.requests if r.method == "GET"]),
                          what="the prediction to be under way")
         run = await run_of(db_url, message)
         [result] = await as_user(db_url, user, "select cancel_run(%s) as status", (run["id"],))

@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import pytest
 from tests.conftest import PROJECT_DIR
 from tests.pipeline_helpers import (
     as_user,
+    checking,
     finished_runs,
     new_user_thread,
     query,
@@ -33,7 +34,7 @@ from tests.pipeline_helpers import (
 )
 from worker import migrations
 from worker.localdb import LocalDatabase
-from worker.observability import HealthServer
+from worker.app import health_endpoint
 from worker.simulator import Fault, RecordedRequest, ReplicateSimulator
 from worker.store import PostgresStore, StoreUnavailable
 
@@ -94,13 +95,6 @@ def asked(model_input: dict[str, Any], contents: dict[str, uuid.UUID]) -> uuid.U
 
 def created_for(request: RecordedRequest, contents: dict[str, uuid.UUID]) -> uuid.UUID:
     return asked((request.body or {}).get("input", {}), contents)
-
-
-def checking(predicate: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
-    """A synchronous condition (on the simulator's state, say) for wait_until."""
-    async def check() -> Any:
-        return predicate()
-    return check
 
 
 async def replies_by_message(db_url: str) -> dict[uuid.UUID, list[dict]]:
@@ -396,50 +390,48 @@ async def test_the_worker_recovers_from_a_database_restart_and_reports_it(own_cl
     # Prefer: wait for 1 s, then polls: a prediction ended by hand is seen at the next poll.
     # A lease far longer than the outage: a run must not be taken over for taking long.
     settings = worker_settings(simulator.base_url, worker_sweep_interval_seconds=0.5, worker_lease_seconds=60,
-                               replicate_prefer_wait_seconds=1)
+                               replicate_prefer_wait_seconds=1, metrics_enabled=True, metrics_host="127.0.0.1",
+                               metrics_port=0)
     store = await WatchedStore.connect(url)
     store.failed = []
     try:
-        async with running_worker(settings, url, store=store) as worker, httpx.AsyncClient() as http:
-            health = HealthServer(worker.metrics, worker.not_ready_because)
-            await health.start("127.0.0.1", 0)
+        async with running_worker(settings, url, store=store) as worker, httpx.AsyncClient() as http, \
+                health_endpoint(settings, worker) as health:
+            assert health is not None
             base = f"http://127.0.0.1:{health.port}"
-            try:
-                await wait_until(lambda: ready(http, base), what="readiness")
-                await say(url, user, thread, "before the restart")
-                await finished_runs(url, 1)
-                in_flight = None
-                if outage != "while_idle":
-                    # A prediction that outlasts any restart; it is ended by hand: once the database is
-                    # back, or (the reply is written) once it is down.
-                    simulator.latency = 600.0
-                    in_flight = await say(url, user, thread, "during the restart")
-                    await wait_until(checking(lambda: len(simulator.creates) == 2), what="the prediction to start")
-                    [prediction] = [p for p in simulator.predictions.values() if "during the restart" in p.input["prompt"]]
+            await wait_until(lambda: ready(http, base), what="readiness")
+            await say(url, user, thread, "before the restart")
+            await finished_runs(url, 1)
+            in_flight = None
+            if outage != "while_idle":
+                # A prediction that outlasts any restart; it is ended by hand: once the database is
+                # back, or (the reply is written) once it is down.
+                simulator.latency = 600.0
+                in_flight = await say(url, user, thread, "during the restart")
+                await wait_until(checking(lambda: len(simulator.creates) == 2), what="the prediction to start")
+                [prediction] = [p for p in simulator.predictions.values() if "during the restart" in p.input["prompt"]]
 
-                await asyncio.to_thread(cluster.stop)
-                await wait_until(lambda: not_ready(http, base), what="readiness to drop")
-                assert (await http.get(f"{base}/healthz")).status_code == 200  # alive, just not ready
-                if outage == "while_the_reply_is_written":
-                    prediction.latency = time.time() - prediction.created  # it ends now, the database down
-                    await wait_until(checking(lambda: {"complete_run", "complete_runs"} & set(store.failed)),
-                                     timeout=30, what="the reply's write to fail")
-                await asyncio.to_thread(cluster.start)
-                if outage == "while_a_prediction_runs":
-                    # The database came back before the prediction ended, and no write was tried.
-                    assert prediction.status(time.time()) in ("starting", "processing")
-                    assert not {"complete_run", "complete_runs"} & set(store.failed)
-                    prediction.latency = time.time() - prediction.created  # it ends now
+            await asyncio.to_thread(cluster.stop)
+            await wait_until(lambda: not_ready(http, base), what="readiness to drop")
+            assert (await http.get(f"{base}/healthz")).status_code == 200  # alive, just not ready
+            if outage == "while_the_reply_is_written":
+                prediction.latency = time.time() - prediction.created  # it ends now, the database down
+                await wait_until(checking(lambda: {"complete_run", "complete_runs"} & set(store.failed)),
+                                 timeout=30, what="the reply's write to fail")
+            await asyncio.to_thread(cluster.start)
+            if outage == "while_a_prediction_runs":
+                # The database came back before the prediction ended, and no write was tried.
+                assert prediction.status(time.time()) in ("starting", "processing")
+                assert not {"complete_run", "complete_runs"} & set(store.failed)
+                prediction.latency = time.time() - prediction.created  # it ends now
 
-                await wait_until(lambda: ready(http, base), timeout=30, what="readiness after the restart")
-                if in_flight is not None:
-                    simulator.latency = 0.05
-                await say(url, user, thread, "after the restart")
-                expected = 2 if in_flight is None else 3
-                runs = await finished_runs(url, expected, timeout=30)
-                metrics = (await http.get(f"{base}/metrics")).text
-            finally:
-                await health.stop()
+            await wait_until(lambda: ready(http, base), timeout=30, what="readiness after the restart")
+            if in_flight is not None:
+                simulator.latency = 0.05
+            await say(url, user, thread, "after the restart")
+            expected = 2 if in_flight is None else 3
+            runs = await finished_runs(url, expected, timeout=30)
+            metrics = (await http.get(f"{base}/metrics")).text
     finally:
         await store.close()
     assert len(runs) == expected

@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import PROJECT_DIR
 from tests.pipeline_helpers import (
     as_user,
+    checking,
     NoWakeups,
     finished_runs,
     new_user_thread,
@@ -246,7 +247,7 @@ async def test_shutdown_past_the_grace_period_releases_the_run_and_cancels_the_p
     async with running_worker(settings, db_url) as worker:
         await say(db_url, user, thread, "slow one")
         # The worker knows the prediction's id once the create returned and it polls.
-        polls = lambda: asyncio.sleep(0, [r for r in simulator.requests if r.method == "GET"])  # noqa: E731
+        polls = checking(lambda: [r for r in simulator.requests if r.method == "GET"])
         await wait_until(polls, what="a poll of the prediction")
     assert worker.counts["released"] == 1
     [run] = await query(db_url, "select status, attempts, lease_owner from assistant_runs")
@@ -265,7 +266,7 @@ async def test_a_run_in_flight_does_not_hold_its_history(db_url, simulator) -> N
         await finished_runs(db_url, 1)
         simulator.latency = 30
         await say(db_url, user, thread, "a slow one")
-        await wait_until(lambda: asyncio.sleep(0, len(simulator.creates) == 2), what="the second prediction")
+        await wait_until(checking(lambda: len(simulator.creates) == 2), what="the second prediction")
         [task] = worker.inflight.values()
         run = task.get_coro().cr_frame.f_locals["run"]
         assert run.content == "a slow one" and run.history == []
@@ -277,7 +278,7 @@ async def test_graceful_shutdown_finishes_work_in_flight(db_url, simulator) -> N
     user, thread = await new_user_thread(db_url)
     async with running_worker(worker_settings(simulator.base_url), db_url) as worker:
         await say(db_url, user, thread, "finish me")
-        await wait_until(lambda: asyncio.sleep(0, worker.inflight), what="a run in flight")
+        await wait_until(checking(lambda: worker.inflight), what="a run in flight")
     [run] = await query(db_url, "select status from assistant_runs")
     assert run["status"] == "completed"
 
@@ -313,9 +314,9 @@ async def test_a_message_deleted_while_its_reply_is_produced_is_dropped_quietly(
     user, thread = await new_user_thread(db_url)
     async with running_worker(worker_settings(simulator.base_url), db_url) as worker:
         message = await say(db_url, user, thread, "never mind")
-        await wait_until(lambda: asyncio.sleep(0, worker.inflight), what="the run in flight")
+        await wait_until(checking(lambda: worker.inflight), what="the run in flight")
         await as_user(db_url, user, "delete from assistant_messages where id = %s", (message,))
-        await wait_until(lambda: asyncio.sleep(0, worker.counts["gone"]), what="the worker to notice")
+        await wait_until(checking(lambda: worker.counts["gone"]), what="the worker to notice")
     assert await query(db_url, "select * from assistant_messages") == []
     assert worker.counts["completed"] == 0
     assert not [k for k in worker.counts if k.startswith("failed.")]  # not mistaken for a failure
@@ -360,7 +361,7 @@ async def test_a_batch_with_a_deleted_run_is_completed_one_by_one(db_url, simula
     pairs = [await new_user_thread(db_url) for _ in range(6)]
     messages = [await say(db_url, user, thread, f"question {i}") for i, (user, thread) in enumerate(pairs)]
     async with running_worker(worker_settings(simulator.base_url), db_url) as worker:
-        await wait_until(lambda: asyncio.sleep(0, worker.counts["completed"] + worker.counts["gone"] == len(messages)))
+        await wait_until(checking(lambda: worker.counts["completed"] + worker.counts["gone"] == len(messages)))
     assert deleted and worker.counts["gone"] == 1 and worker.counts["completed"] == len(messages) - 1
     replies = await query(db_url, "select reply_to from assistant_messages where role = 'assistant'")
     assert sorted(r["reply_to"] for r in replies) == sorted(m for m in messages if m not in deleted)

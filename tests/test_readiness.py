@@ -4,11 +4,10 @@ PostgREST emulator."""
 
 from __future__ import annotations
 
-import asyncio
 
 import httpx
 
-from tests.pipeline_helpers import wait_until
+from tests.pipeline_helpers import checking, wait_until
 from tests.supabase_emulator import SupabaseEmulator
 from tests.test_supabase_transport import start_worker, stop_worker, supabase_settings
 from worker.app import health_endpoint
@@ -32,7 +31,7 @@ async def test_readyz_is_503_with_the_reason_until_the_realtime_subscription_is_
         async with health_endpoint(settings, worker) as health:
             assert health is not None and health.port
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{health.port}", timeout=5) as http:
-                await wait_until(lambda: asyncio.sleep(0, wakeups.subscription_errors >= 1), what="the refusal")
+                await wait_until(checking(lambda: wakeups.subscription_errors >= 1), what="the refusal")
                 refused = await http.get("/readyz")
                 assert refused.status_code == 503
                 assert refused.json() == {"status": "not ready", "reason": "the wake-up subscription is not live"}

@@ -151,43 +151,6 @@ big_objects = st.dictionaries(st.text(max_size=8), st.text(min_size=500, max_siz
 roles = st.sampled_from(["user", "assistant", "system", "tool", "admin", "", "USER"])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(content=st.text(max_size=200) | around(8000),
-       metadata=st.dictionaries(st.text(max_size=10), json_values, max_size=5) | big_objects | json_values
-       | st.builds(lambda n: {"note": "x" * n}, st.integers(16340, 16380)),  # about 16 KB, either side
-       image_url=st.none() | urls, role=st.just("user") | roles)
-def test_arbitrary_client_inserts_are_stored_exactly_or_refused(fuzz_world, content, metadata, image_url, role) -> None:
-    conn, user, thread = fuzz_world
-    if "\x00" in content + json.dumps(metadata) + (image_url or ""):
-        return  # PostgreSQL text cannot hold NUL; the client library refuses before sending
-    with request(conn, postgrest.user("u", user)) as cur:
-        try:
-            with conn.transaction():
-                row = cur.execute(
-                    "insert into assistant_messages (thread_id, role, content, metadata_json, image_url)"
-                    " values (%s, %s, %s, %s, %s)"
-                    " returning role, content, metadata_json = %s::jsonb, image_url, id, pg_column_size(%s::jsonb)",
-                    (thread, role, content, json.dumps(metadata), image_url, json.dumps(metadata),
-                     json.dumps(metadata))).fetchone()
-        except REFUSALS as refusal:
-            assert refusal.diag.message_primary  # every refusal says why
-            # ... and only what breaks a stated rule is refused (a bound made tighter would show)
-            size = conn.execute("select pg_column_size(%s::jsonb)", (json.dumps(metadata),)).fetchone()[0] \
-                if "\\u0000" not in json.dumps(metadata) else None
-            assert (role != "user" or not 1 <= len(content) <= 8000 or not isinstance(metadata, dict)
-                    or size is None or size > 16384
-                    or (image_url is not None and (not 1 <= len(image_url) <= 2048
-                                                   or not image_url.startswith(("https://", "storage://"))))), refusal
-            return
-        assert row[0] == "user" and role == "user"
-        assert row[1] == content and row[2] is True and row[3] == image_url  # jsonb equality: numbers as numbers
-        assert 1 <= len(content) <= 8000 and isinstance(metadata, dict) and row[5] <= 16384
-        assert image_url is None or image_url.startswith(("https://", "storage://"))
-        assert cur.execute("select status from assistant_runs where message_id = %s", (row[4],)).fetchone() == ("queued",)
-
-
-
-
 def stored_or_refused(fuzz_world, write, broken) -> None:
     """One client request: `write(cur, reply)` stores and checks what it sent, or the database
     refuses it with a reason, and only if `broken(conn)`: what was sent breaks a stated rule."""
@@ -216,6 +179,36 @@ def sizes_in_row(conn, *values) -> tuple[int, int]:
 def has_nul(*values) -> bool:
     # PostgreSQL text cannot hold NUL; client libraries refuse before sending (JSON writes it \u0000)
     return "\\u0000" in json.dumps(values)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.text(max_size=200) | around(8000),
+       metadata=st.dictionaries(st.text(max_size=10), json_values, max_size=5) | big_objects | json_values
+       | st.builds(lambda n: {"note": "x" * n}, st.integers(16340, 16380)),  # about 16 KB, either side
+       image_url=st.none() | urls, role=st.just("user") | roles)
+def test_arbitrary_client_inserts_are_stored_exactly_or_refused(fuzz_world, content, metadata, image_url, role) -> None:
+    _, _, thread = fuzz_world
+
+    def write(cur, _reply) -> None:
+        row = cur.execute(
+            "insert into assistant_messages (thread_id, role, content, metadata_json, image_url)"
+            " values (%s, %s, %s, %s, %s) returning role, content, metadata_json = %s::jsonb, image_url, id",
+            (thread, role, content, json.dumps(metadata), image_url, json.dumps(metadata))).fetchone()
+        assert row[0] == "user" and role == "user"
+        assert row[1] == content and row[2] is True and row[3] == image_url  # jsonb equality: numbers as numbers
+        assert 1 <= len(content) <= 8000 and isinstance(metadata, dict) and sizes_in_row(cur, metadata)[1] <= 16384
+        assert image_url is None or image_url.startswith(("https://", "storage://"))
+        assert cur.execute("select status from assistant_runs where message_id = %s", (row[4],)).fetchone() == ("queued",)
+
+    def broken(conn) -> bool:
+        return (role != "user" or not 1 <= len(content) <= 8000 or not isinstance(metadata, dict)
+                or has_nul(metadata)  # jsonb cannot hold \u0000 either: refused, with its reason
+                or sizes_in_row(conn, metadata)[1] > 16384
+                or (image_url is not None and (not 1 <= len(image_url) <= 2048
+                                               or not image_url.startswith(("https://", "storage://")))))
+
+    if not has_nul(content, image_url):
+        stored_or_refused(fuzz_world, write, broken)
 
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import postgrest
-from tests.pipeline_helpers import finished_runs, new_user_thread, query, running_worker, say, wait_until, worker_settings
+from tests.pipeline_helpers import checking, finished_runs, new_user_thread, query, running_worker, say, wait_until, worker_settings
 from tests.postgrest import create_user, request
 from tests.supabase_emulator import SupabaseEmulator
 from tests.test_supabase_transport import start_worker, stop_worker, supabase_settings
@@ -64,7 +64,7 @@ async def test_a_reply_streams_to_the_thread_and_is_written_once(db_url, simulat
     async with listening(db_url) as received, streaming_worker(simulator, db_url):
         message = await say(db_url, user, thread, "Tell me about wool coats in winter")
         [run] = await finished_runs(db_url, 1)
-        await wait_until(lambda: asyncio.sleep(0, any(d["done"] for d in received)), what="the final delta")
+        await wait_until(checking(lambda: any(d["done"] for d in received)), what="the final delta")
     [create] = simulator.creates
     assert "Prefer" not in create.headers  # streamed: no waiting on create
     assert [r.path for r in simulator.requests if r.path.startswith("/v1/streams/")]
@@ -120,7 +120,7 @@ async def test_on_supabase_the_reply_streams_over_private_broadcast(db_url, simu
     user, thread = await new_user_thread(db_url)
     worker, task, http = await start_worker(supabase_settings(simulator, emulator, stream_publish_interval_ms=0))
     try:
-        await wait_until(lambda: asyncio.sleep(0, worker.wakeups.live), what="the subscription")
+        await wait_until(checking(lambda: worker.wakeups.live), what="the subscription")
         message = await say(db_url, user, thread, "stream this over broadcast")
         await finished_runs(db_url, 1)
     finally:

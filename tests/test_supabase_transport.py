@@ -15,7 +15,7 @@ from postgrest.exceptions import APIError
 from psycopg.types.json import Jsonb
 from supabase import AsyncClientOptions, acreate_client
 
-from tests.pipeline_helpers import as_user, finished_runs, new_user_thread, query, say, wait_until, worker_settings
+from tests.pipeline_helpers import as_user, checking, finished_runs, new_user_thread, query, say, wait_until, worker_settings
 from tests.supabase_emulator import SupabaseEmulator, make_jwt, pg_error_status
 from worker.app import build_worker, open_transport, replicate_http, web_http
 from worker.pipeline import Worker
@@ -107,7 +107,7 @@ async def test_dropped_and_refused_realtime_reconnects_and_answers_what_arrived_
         await wait_until(lambda: live(worker), what="the first subscription")
         supabase.refuse_for(3600)  # lifted once the messages are in
         await supabase.drop_connections()
-        await wait_until(lambda: asyncio.sleep(0, not wakeups.live), what="the drop to be noticed")
+        await wait_until(checking(lambda: not wakeups.live), what="the drop to be noticed")
         messages = [await say(db_url, user, thread, f"sent while Realtime was down ({i})") for i in range(3)]
         # realtime-py's own reconnections are refused until it gives up, and the supervisor rebuilds.
         await wait_until(checking(lambda: supabase.refused >= 1 and wakeups.rebuilds >= 1), 30,
@@ -116,7 +116,7 @@ async def test_dropped_and_refused_realtime_reconnects_and_answers_what_arrived_
         # The periodic sweep is an hour away (worker_settings): the sweep that follows the
         # reconnection answers them.
         runs = await finished_runs(db_url, 3, timeout=30)
-        await wait_until(lambda: asyncio.sleep(0, len(supabase.joins) >= 2 and wakeups.live), 30,
+        await wait_until(checking(lambda: len(supabase.joins) >= 2 and wakeups.live), 30,
                          "the subscription to be rebuilt")
     finally:
         await stop_worker(worker, task, http)
@@ -145,11 +145,6 @@ async def test_rpc_errors_come_back_as_postgrest_errors(db_url, supabase) -> Non
     assert missing.value.code == "P0002"
     status = await service.rpc("run_queue_status", {}).execute()
     assert status.data == [{"due_now": 0, "next_due_at": None, "in_progress": 0}]
-
-
-def checking(predicate) -> object:
-    """wait_until's check for a plain condition."""
-    return lambda: asyncio.sleep(0, predicate())
 
 
 async def test_a_refused_changes_subscription_is_not_live_and_is_retried_with_backoff(db_url, simulator, supabase) -> None:
