@@ -14,6 +14,7 @@ import respx
 
 from tests import postgrest
 from tests.pipeline_helpers import finished_runs, new_user_thread, query, say, wait_until, worker_settings
+from tests.conftest import user_message
 from tests.postgrest import create_user, request
 from tests.supabase_emulator import SupabaseEmulator
 from tests.test_supabase_transport import start_worker, stop_worker, supabase_settings
@@ -213,3 +214,27 @@ def test_files_rows_belong_to_their_uploader(conn, owner, thread) -> None:
             cur.execute(row, (thread, f"{other}/a.png"))
     with request(conn, postgrest.user("x", other)) as cur, pytest.raises(psycopg.errors.InsufficientPrivilege):
         cur.execute(row, (thread, f"{other}/b.png"))  # not their thread
+
+
+def test_a_file_names_a_message_of_its_own_thread(conn, owner, thread) -> None:
+    """A file's message must be in the file's thread: another of the user's threads is refused
+    with the reason, for clients on insert and for every role on update."""
+    second = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (owner,)).fetchone()[0]
+    here, there = user_message(conn, owner, thread), user_message(conn, owner, second)
+    other = create_user(conn)
+    others_thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (other,)).fetchone()[0]
+    theirs = user_message(conn, other, others_thread)
+    row = ("insert into assistant_files (thread_id, message_id, storage_path, filename, mime_type, size_bytes)"
+           " values (%s, %s, %s, 'a.png', 'image/png', 100) returning id")
+    with request(conn, postgrest.user("o", owner), commit=True) as cur:
+        attached = cur.execute(row, (thread, here, f"{owner}/here.png")).fetchone()[0]
+        cur.execute(row, (thread, None, f"{owner}/loose.png"))
+    for message, name in ((there, "there"), (theirs, "theirs")):
+        with request(conn, postgrest.user("o", owner)) as cur, \
+                pytest.raises(psycopg.errors.ForeignKeyViolation, match="a message of its own thread") as refused:
+            cur.execute(row, (thread, message, f"{owner}/{name}.png"))
+        assert refused.value.diag.message_hint == "message_id must be a message of the thread named by thread_id, or null"
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match="a message of its own thread"), conn.transaction():
+        conn.execute("update assistant_files set thread_id = %s where id = %s", (second, attached))
+    conn.execute("update assistant_files set thread_id = %s, message_id = %s where id = %s", (second, there, attached))
+    assert conn.execute("select count(*) from assistant_files where user_id = %s", (owner,)).fetchone()[0] == 2

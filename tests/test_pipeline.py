@@ -157,6 +157,29 @@ async def test_retries_stop_at_the_attempt_limit(db_url, simulator) -> None:
     assert len(replies) == 1 and replies[0]["content"].startswith("Sorry, I could not produce a reply")
 
 
+async def test_a_run_ended_meanwhile_is_not_counted_failed_by_the_late_attempt(db_url, simulator) -> None:
+    """The run ends without the worker (here as the claim ends a run whose lease ran out on its
+    last attempt) while its prediction runs; the prediction then fails. The worker records its
+    attempt, but the run's failure is not its to count."""
+    simulator.latency = 1.0
+    simulator.inject(Fault("failed"))
+    user, thread = await new_user_thread(db_url)
+    async with running_worker(worker_settings(simulator.base_url), db_url) as worker:
+        await say(db_url, user, thread, "hello")
+        await wait_until(checking(lambda: simulator.predictions), what="a prediction")
+        [run] = await query(db_url, "select id from assistant_runs")
+        await query(db_url, "select assistant_finish_failed(%s, 'lease_expired', 'the worker of the last attempt died')",
+                    (run["id"],))
+        await wait_until(lambda: query(db_url, "select 1 from assistant_inference_events where status = 'failed'"),
+                         what="the late attempt's event")
+        sample = worker.metrics.registry.get_sample_value
+        assert sample("assistant_run_attempts_failed_total", {"error_code": "model_failed"}) == 1
+        assert sample("assistant_runs_failed_total", {"error_code": "model_failed"}) is None
+    [row] = await query(db_url, "select status, last_error_code from assistant_runs")
+    assert (row["status"], row["last_error_code"]) == ("failed", "lease_expired")
+    assert worker.counts["superseded"] == 1
+
+
 async def test_throttling_within_the_cap_is_absorbed(db_url, simulator) -> None:
     simulator.inject(Fault("http", status=429, retry_after=0.2, detail="Request was throttled. Your rate limit resets in ~1s."))
     user, thread = await new_user_thread(db_url)

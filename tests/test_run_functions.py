@@ -162,7 +162,7 @@ def test_expired_lease_is_claimed_again_and_the_late_worker_cannot_double_reply(
     assert second["run_id"] == first["run_id"] and second["attempt"] == 2
     reply = complete(conn, second, "from w2")
     assert complete(conn, first, "from w1, late") == reply
-    assert fail(conn, first) == "completed"
+    assert fail(conn, first) == "superseded"
     assert conn.execute("select content from assistant_messages where role = 'assistant'").fetchall() == [("from w2",)]
 
 
@@ -171,9 +171,41 @@ def test_late_failure_of_a_reclaimed_attempt_leaves_the_run_alone(conn, owner, t
     [first] = claim(conn, "w1")
     expire_lease(conn, first["run_id"])
     [second] = claim(conn, "w2")
-    assert fail(conn, first) == "in_progress"
+    assert fail(conn, first) == "superseded"
     row = run_row(conn, second["run_id"])
-    assert row["lease_owner"] == "w2" and row["attempts"] == 2
+    assert (row["status"], row["lease_owner"], row["attempts"]) == ("in_progress", "w2", 2)
+    # The run ends failed by the second attempt: only that call says so, whatever the first says late.
+    assert fail(conn, second, p_retryable=False) == "failed"
+    assert fail(conn, first, p_retryable=False) == "superseded"
+    events = conn.execute("select attempt, error_code from assistant_inference_events where run_id = %s order by attempt",
+                          (first["run_id"],)).fetchall()
+    assert events == [(1, "provider_unavailable"), (2, "provider_unavailable")]
+
+
+def test_failing_the_same_attempt_again_gives_the_same_answer(conn, owner, thread) -> None:
+    """The worker retries a store call whose answer was lost: the repeat must not read as news."""
+    say(conn, owner, thread)
+    [run] = claim(conn)
+    assert fail(conn, run) == "queued"
+    assert fail(conn, run) == "queued"
+    assert fail(conn, run, "timeout") == "superseded"  # not this call: another code
+    conn.execute("update assistant_runs set next_attempt_at = now() where id = %s", (run["run_id"],))
+    [last] = claim(conn)
+    conn.execute("update assistant_runs set max_attempts = 2 where id = %s", (run["run_id"],))
+    assert fail(conn, last) == "failed"
+    assert fail(conn, last) == "failed"
+    assert fail(conn, run) == "superseded"
+    assert conn.execute("select count(*) from assistant_messages where reply_to = %s", (run["message_id"],)).fetchone()[0] == 1
+
+
+def test_a_late_failure_after_the_lease_ran_out_on_the_last_attempt_is_superseded(conn, owner, thread) -> None:
+    say(conn, owner, thread)
+    for _ in range(3):
+        [run] = claim(conn)
+        expire_lease(conn, run["run_id"])
+    assert claim(conn) == []  # the claim ends the run: lease_expired
+    assert fail(conn, run) == "superseded"
+    assert run_row(conn, run["run_id"])["last_error_code"] == "lease_expired"
 
 
 def test_a_lease_expired_on_the_last_attempt_fails_the_run(conn, owner, thread) -> None:

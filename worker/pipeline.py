@@ -427,8 +427,10 @@ class Worker:
             model=model, prediction_id=error.prediction_id, latency_ms=None))
         self.counts[f"failed.{error.code}"] += 1
         self.metrics.failed.labels(error.code).inc()
-        if status == "failed":
+        if status == "failed":  # this attempt ended the run
             self.metrics.runs_failed.labels(error.code).inc()
+        elif status == "superseded":  # the run went on without this attempt (its lease ran out, say)
+            self.counts["superseded"] += 1
         log.warning("run attempt failed", extra={"event": "run.failed", "run_id": str(run.run_id),
                                                  "message_id": str(run.message_id), "attempt": run.attempt,
                                                  "error_code": error.code, "status": status, "model": model})

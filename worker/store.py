@@ -124,6 +124,8 @@ class RunStore(ABC):
 
     async def fail(self, run: ClaimedRun, *, code: str, error: str, retryable: bool, retry_in: float | None,
                    model: str, prediction_id: str | None, latency_ms: int | None) -> str:
+        """'queued' (to be tried again), 'failed' (this attempt ended the run) or 'superseded'
+        (the run went on without this attempt: taken over, completed, cancelled or ended)."""
         return str(await self.call("fail_attempt", {
             "p_run_id": run.run_id, "p_attempt": run.attempt, "p_error_code": code, "p_error": error,
             "p_retryable": retryable, "p_retry_in_seconds": retry_in, "p_model": model, "p_provider": "replicate",
