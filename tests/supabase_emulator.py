@@ -18,7 +18,8 @@
   `col=eq.value` are applied to the new row.
 
 Faults for tests: `drop_connections()` closes every socket abnormally, `refuse_for(seconds)`
-answers websocket upgrades with 503 meanwhile, `fail_postgres_changes()` makes subscribing to
+answers websocket upgrades with 503 meanwhile, `stall_connections()` makes every open socket
+half-open (silent both ways, never closed), `fail_postgres_changes()` makes subscribing to
 database changes fail until `restore_postgres_changes()`, `cut_database()` makes PostgREST's
 connections to the database fail until `restore_database()`."""
 
@@ -162,6 +163,8 @@ class SupabaseEmulator:
     broadcasts: list[dict[str, Any]] = field(default_factory=list)
     subscriptions: list[Subscription] = field(default_factory=list)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    stalled: set[web.WebSocketResponse] = field(default_factory=set)  # half-open: neither read nor written
+    _transports: dict[web.WebSocketResponse, asyncio.Transport] = field(default_factory=dict)
     refuse_until: float = 0.0
     postgres_changes_failing: bool = False
     postgres_changes_flapping: float | None = None  # seconds a subscription lasts before it fails
@@ -198,7 +201,9 @@ class SupabaseEmulator:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
-        for ws in list(self.sockets):
+        for ws in list(self.stalled):
+            self._transports[ws].abort()  # a close handshake would wait for an answer never read
+        for ws in list(self.sockets - self.stalled):
             with contextlib.suppress(Exception):
                 await ws.close()
         if self._runner:
@@ -210,6 +215,14 @@ class SupabaseEmulator:
             with contextlib.suppress(Exception):
                 await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"simulated outage")
         self.subscriptions.clear()
+
+    def stall_connections(self) -> None:
+        """The network goes silent under every open socket, which stays open (half-open: a NAT
+        or a load balancer that forgot the connection): nothing the worker sends is read, its
+        pings included, and nothing reaches it, changes included. New connections work."""
+        for ws in self.sockets:
+            self.stalled.add(ws)
+            self._transports[ws].pause_reading()
 
     def refuse_for(self, seconds: float) -> None:
         self.refuse_until = time.monotonic() + seconds
@@ -386,6 +399,7 @@ class SupabaseEmulator:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self.sockets.add(ws)
+        self._transports[ws] = request.transport  # type: ignore[assignment]
         try:
             async for frame in ws:
                 if frame.type != WSMsgType.TEXT:
@@ -393,11 +407,14 @@ class SupabaseEmulator:
                 await self._handle_frame(ws, json.loads(frame.data))
         finally:
             self.sockets.discard(ws)
+            self.stalled.discard(ws)
+            self._transports.pop(ws, None)
             self.subscriptions = [s for s in self.subscriptions if s.ws is not ws]
         return ws
 
-    @staticmethod
-    async def _send(ws: web.WebSocketResponse, topic: str, event: str, payload: Any, ref: str | None) -> None:
+    async def _send(self, ws: web.WebSocketResponse, topic: str, event: str, payload: Any, ref: str | None) -> None:
+        if ws in self.stalled:
+            return  # lost on the way
         with contextlib.suppress(ConnectionResetError, RuntimeError):
             await ws.send_str(json.dumps({"event": event, "payload": payload, "ref": ref, "topic": topic}))
 
@@ -481,7 +498,7 @@ class SupabaseEmulator:
             if row is None:
                 return
             record = row[0]
-        targets = [(s, ids) for s in self.subscriptions if s.subscribed
+        targets = [(s, ids) for s in self.subscriptions if s.subscribed and s.ws not in self.stalled
                    and (ids := [b.id for b in s.bindings if b.matches(schema, table, kind, record)])]
         if not targets:
             return

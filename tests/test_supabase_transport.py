@@ -127,6 +127,33 @@ async def test_dropped_and_refused_realtime_reconnects_and_answers_what_arrived_
     assert len(supabase.joins) >= 2
 
 
+async def test_a_half_open_realtime_connection_is_found_by_its_pings_and_replaced(db_url, simulator, supabase) -> None:
+    """A connection that goes silent without closing (a NAT or load balancer forgot it) brings no
+    error and no close frame: only unanswered WebSocket pings give it away. The worker's own
+    pings (every 5 s, 5 s to answer; shortened here) cut it, and the worker reconnects and
+    answers what arrived meanwhile. Without them (ping_interval_seconds=None) only websockets'
+    keepalive would, after 20 + 20 + 10 s, past this test's wait (the sweep is an hour away)."""
+    user, thread = await new_user_thread(db_url)
+    settings = supabase_settings(simulator, supabase)
+    wakeups = RealtimeWakeups(settings.supabase_url, supabase.service_role_key, check_seconds=0.1,
+                              unhealthy_grace_seconds=1.0, ping_interval_seconds=0.2, ping_timeout_seconds=0.5,
+                              realtime_options={"initial_backoff": 0.1})
+    worker, task, http = await start_worker(settings, wakeups)
+    try:
+        await wait_until(lambda: live(worker), what="the first subscription")
+        supabase.stall_connections()
+        message = await say(db_url, user, thread, "sent into a half-open connection")
+        [run] = await wait_until(lambda: query(db_url, "select * from assistant_runs where status = 'completed'"),
+                                 20, "a reply")
+        await wait_until(checking(lambda: wakeups.live), 30, "the subscription to be live again")
+    finally:
+        await stop_worker(worker, task, http)
+    assert run["status"] == "completed" and run["message_id"] == message
+    assert len(supabase.joins) == 2 and supabase.stalled  # a new connection; the silent one never closed
+    assert supabase.delivered == 0  # the change went nowhere: the reconnection's claim found it
+    assert wakeups.silent_connections == 1
+
+
 async def test_rpc_errors_come_back_as_postgrest_errors(db_url, supabase) -> None:
     user, _ = await new_user_thread(db_url)
     options = AsyncClientOptions(auto_refresh_token=False, persist_session=False)

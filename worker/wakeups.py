@@ -66,6 +66,7 @@ class RealtimeWakeups:
 
     def __init__(self, supabase_url: str, service_role_key: str, *, check_seconds: float = 1.0,
                  unhealthy_grace_seconds: float = 20.0, max_backoff: float = 10.0,
+                 ping_interval_seconds: float | None = 5.0, ping_timeout_seconds: float = 5.0,
                  realtime_options: dict[str, Any] | None = None) -> None:
         self.realtime_url = f"{supabase_url.rstrip('/')}/realtime/v1"
         self.key = service_role_key
@@ -73,6 +74,14 @@ class RealtimeWakeups:
         self.unhealthy_grace_seconds = unhealthy_grace_seconds
         self.max_backoff = max_backoff
         self.realtime_options = realtime_options or {}
+        # A connection that goes silent without closing (half-open: a NAT or a load balancer
+        # forgot it) brings no error. websockets' own keepalive, which realtime-py keeps at its
+        # defaults, takes up to 20 s + 20 s + a 10 s closing handshake to give it up; this ping
+        # finds it within about interval + timeout and cuts it, and it is then reconnected as a
+        # dropped connection is.
+        self.ping_interval_seconds = ping_interval_seconds
+        self.ping_timeout_seconds = ping_timeout_seconds
+        self.silent_connections = 0
         self.live = False
         self.rebuilds = 0
         self.subscription_errors = 0  # the server's "could not subscribe to changes" messages
@@ -166,9 +175,15 @@ class RealtimeWakeups:
         subscription to changes failed, or the client has been disconnected or unsubscribed for
         longer than its own retries need."""
         unhealthy_for = 0.0
+        pinger = _Pinger(self.ping_interval_seconds, self.ping_timeout_seconds)
         while not ended.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(ended.wait(), timeout=self.check_seconds)
+            if await pinger.silent(getattr(client, "_ws_connection", None)):
+                self.silent_connections += 1
+                self.live = False
+                log.warning("realtime connection silent; cutting it", extra={
+                    "event": "wakeups.silent", "ping_timeout_seconds": self.ping_timeout_seconds})
             healthy = client.is_connected and channel.is_joined and self.live
             listen_task = getattr(client, "_listen_task", None)
             if listen_task is not None and listen_task.done():
@@ -176,6 +191,53 @@ class RealtimeWakeups:
             unhealthy_for = 0.0 if healthy else unhealthy_for + self.check_seconds
             if unhealthy_for >= self.unhealthy_grace_seconds:
                 return
+
+
+class _Pinger:
+    """WebSocket pings on the client's current connection: one every `interval` seconds, the
+    next only once its pong came. `silent` cuts a connection whose pong is over `timeout` late
+    (the transport aborted: websockets then reports it closed abnormally, as if dropped)."""
+
+    def __init__(self, interval: float | None, timeout: float) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        self.connection: Any = None
+        self.pong: asyncio.Future[float] | None = None
+        self.sent_at = 0.0
+        self.answered_at = time.monotonic()
+
+    async def silent(self, connection: Any) -> bool:
+        if self.interval is None or connection is None:
+            return False
+        now = time.monotonic()
+        if connection is not self.connection:  # a new connection: start afresh
+            self._forget()
+            self.connection, self.answered_at = connection, now
+        if self.pong is not None:
+            if self.pong.done():
+                self._forget()
+                self.answered_at = now
+            elif now - self.sent_at >= self.timeout:
+                self._forget()
+                transport = getattr(connection, "transport", None)
+                if transport is not None:
+                    transport.abort()
+                return True
+        elif now - self.answered_at >= self.interval:
+            try:
+                self.pong = await connection.ping()
+                self.sent_at = now
+            except Exception:  # closed meanwhile: realtime-py reconnects
+                self.pong = None
+        return False
+
+    def _forget(self) -> None:
+        if self.pong is not None:
+            if self.pong.done() and not self.pong.cancelled():
+                self.pong.exception()  # retrieved: a closed connection fails its pong waiters
+            else:
+                self.pong.cancel()
+        self.pong = None
 
 
 def postgres_changes_error(error: BaseException | None) -> str | None:
