@@ -93,6 +93,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     # time keeps the pipeline saturated, so its latency is mostly queueing (conversations divided
     # by replies per second); paced, the latency is what the pipeline itself adds.
     "paced": {"_THINK_SECONDS": "1.0"},
+    # asyncio's own event loop instead of uvloop's (the default since uvloop measured less worker CPU
+    # per reply).
+    "asyncio_loop": {"WORKER_EVENT_LOOP": "asyncio"},
 }
 
 

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from pydantic import SecretStr, ValidationError
 
@@ -87,8 +88,22 @@ def _run() -> int:
 
     settings = _settings()
     logs.configure(settings.log_level)
-    asyncio.run(_run_async(settings, _database_url(settings)))
+    with asyncio.Runner(loop_factory=_loop_factory(settings.worker_event_loop)) as runner:
+        runner.run(_run_async(settings, _database_url(settings)))
     return 0
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop for `uvloop` when it is installed; asyncio's default loop otherwise."""
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed: running on asyncio's event loop",
+                        extra={"event": "worker.event_loop", "event_loop": "asyncio"})
+            return None
+        return uvloop.new_event_loop
+    return None
 
 
 def _chat(email: str) -> int:

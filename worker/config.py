@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     worker_shutdown_grace_seconds: float = Field(30, ge=0)
     worker_retry_base_seconds: float = Field(2, ge=0)
     worker_retry_max_seconds: float = Field(300, ge=0)
+    # uvloop's event loop (libuv) spends less CPU per socket event than asyncio's own; `asyncio`
+    # is the fallback where uvloop is not installed (Windows).
+    worker_event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stream_replies: bool = True
     stream_publish_interval_ms: int = Field(100, ge=0, le=5000)
