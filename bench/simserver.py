@@ -102,5 +102,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--event-loop", choices=["uvloop", "asyncio"], default="uvloop")
     args = parser.parse_args()
-    asyncio.run(main(args.latency, args.port))
+    # On uvloop like the worker: the simulator's CPU is the harness's, on the cores the system under test uses.
+    factory = None
+    if args.event_loop == "uvloop":
+        import uvloop
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main(args.latency, args.port))
