@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import heapq
 import json
 import time
@@ -107,7 +108,8 @@ if __name__ == "__main__":
     # On uvloop like the worker: the simulator's CPU is the harness's, on the cores the system under test uses.
     factory = None
     if args.event_loop == "uvloop":
-        import uvloop
-        factory = uvloop.new_event_loop
+        with contextlib.suppress(ImportError):  # not installed where uvloop is not (Windows)
+            import uvloop
+            factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(main(args.latency, args.port))

@@ -211,7 +211,9 @@ class SupabaseEmulator:
 
     # -- faults ---------------------------------------------------------------------------------
     async def drop_connections(self) -> None:
-        for ws in list(self.sockets):
+        for ws in list(self.stalled):
+            self._transports[ws].abort()
+        for ws in list(self.sockets - self.stalled):
             with contextlib.suppress(Exception):
                 await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"simulated outage")
         self.subscriptions.clear()

@@ -40,16 +40,17 @@ from worker.store import PostgresStore, StoreUnavailable
 
 
 async def spawn_worker(db_url: str, simulator: ReplicateSimulator, name: str, *, concurrency: int = 8,
-                       lease_seconds: int = 10) -> asyncio.subprocess.Process:
+                       lease_seconds: int = 10, env_extra: dict[str, str] | None = None,
+                       stderr: Any = asyncio.subprocess.DEVNULL) -> asyncio.subprocess.Process:
     # PGAPPNAME (read by libpq) names the worker's database sessions, so a test can tell when those
     # of a killed worker are gone: from then on, nothing the worker sent can still change the database.
     env = {**os.environ, "DATABASE_URL": db_url, "WORKER_TRANSPORT": "postgres", "REPLICATE_API_TOKEN": "r8_test",
            "REPLICATE_BASE_URL": simulator.base_url, "WORKER_ID": name, "PGAPPNAME": name,
            "WORKER_LEASE_SECONDS": str(lease_seconds), "WORKER_CONCURRENCY": str(concurrency),
            "WORKER_SWEEP_INTERVAL_SECONDS": "1", "REPLICATE_MAX_CREATES_PER_MINUTE": "0",
-           "METRICS_ENABLED": "false", "LOG_LEVEL": "WARNING", "USAGE_REPORT_REFRESH_SECONDS": "0"}
+           "METRICS_ENABLED": "false", "LOG_LEVEL": "WARNING", "USAGE_REPORT_REFRESH_SECONDS": "0", **(env_extra or {})}
     return await asyncio.create_subprocess_exec(sys.executable, "-m", "worker", "run", cwd=PROJECT_DIR, env=env,
-                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
 
 
 async def held_by(db_url: str, worker_id: str) -> dict[uuid.UUID, int]:
@@ -244,6 +245,56 @@ async def test_runs_left_by_a_dead_worker_are_taken_over_once_their_lease_expire
     events = await query(db_url, "select run_id, attempt, status from assistant_inference_events")
     assert sorted((e["attempt"], e["status"]) for e in events) == [(2, "succeeded")] * 4
     await assert_usage_counted_once(db_url, user, 5)
+
+
+@pytest.mark.parametrize("grace", [30, 0], ids=["within-the-grace-period", "past-it"])
+async def test_sigterm_lets_runs_in_flight_finish_or_gives_them_back(db_url, simulator, tmp_path, grace) -> None:
+    """`python -m worker run` as deployed (uvloop's event loop, signal handlers) on SIGTERM stops
+    claiming and lets the runs in flight finish within WORKER_SHUTDOWN_GRACE_SECONDS; past it,
+    it cancels their predictions at Replicate and gives the runs back without counting the
+    attempt. It exits 0 either way. (Past the grace period the replies are streamed: the create
+    returns at once and the worker holds each prediction's id when the signal comes. A create held
+    by Prefer: wait that is cancelled leaves no id to cancel: see the README's shutdown notes.)"""
+    # Still running when the signal comes: ended by hand once it is handled, or cancelled. (20 s
+    # streamed: the simulator's stream of a cancelled prediction ends at its next token.)
+    simulator.latency = 600.0 if grace else 20.0
+    user, _ = await new_user_thread(db_url, plan="premium")
+    messages = [await say(db_url, user, await new_thread(db_url, user), f"in flight {i}") for i in range(3)]
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "w") as log_file:
+        worker = await spawn_worker(db_url, simulator, "terminated", stderr=log_file,
+                                    env_extra={"WORKER_SHUTDOWN_GRACE_SECONDS": str(grace), "LOG_LEVEL": "INFO",
+                                               # within the grace period polled: a prediction ended by
+                                               # hand is seen at the next read
+                                               "STREAM_REPLIES": "false" if grace else "true",
+                                               "REPLICATE_PREFER_WAIT_SECONDS": "1"})
+    try:
+        if grace:
+            await wait_until(checking(lambda: len(simulator.creates) == 3), timeout=30, what="3 predictions to start")
+        else:
+            await wait_until(checking(lambda: sum(r.path.startswith("/v1/streams/") for r in simulator.requests) == 3),
+                             timeout=30, what="3 predictions to stream")
+        worker.send_signal(signal.SIGTERM)
+        if grace:
+            await wait_until(checking(lambda: '"worker.draining"' in log_path.read_text()), timeout=30,
+                             what="the worker to start draining")
+            assert await held_by(db_url, "terminated")  # still its own while they finish
+            for prediction in simulator.predictions.values():
+                prediction.latency = time.time() - prediction.created  # they end now
+        assert await asyncio.wait_for(worker.wait(), timeout=30) == 0
+    finally:
+        await stop_processes(worker)
+    runs = await query(db_url, "select status, attempts, lease_owner from assistant_runs")
+    replies = await replies_by_message(db_url)
+    assert len(simulator.predictions) == 3
+    if grace:
+        assert [(r["status"], r["attempts"]) for r in runs] == [("completed", 1)] * 3
+        assert set(replies) == set(messages) and all(len(r) == 1 for r in replies.values())
+    else:
+        assert [(r["status"], r["attempts"], r["lease_owner"]) for r in runs] == [("queued", 0, None)] * 3
+        assert all(p.canceled_at is not None for p in simulator.predictions.values())
+        assert not any(replies.values())
+    assert '"worker.stopped"' in log_path.read_text()
 
 
 FAULT_MIX = [

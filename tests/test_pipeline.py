@@ -8,6 +8,7 @@ import gc
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from decimal import Decimal
@@ -161,15 +162,18 @@ async def test_a_run_ended_meanwhile_is_not_counted_failed_by_the_late_attempt(d
     """The run ends without the worker (here as the claim ends a run whose lease ran out on its
     last attempt) while its prediction runs; the prediction then fails. The worker records its
     attempt, but the run's failure is not its to count."""
-    simulator.latency = 1.0
+    simulator.latency = 600.0  # ended by hand once the run has ended
     simulator.inject(Fault("failed"))
     user, thread = await new_user_thread(db_url)
-    async with running_worker(worker_settings(simulator.base_url), db_url) as worker:
+    # Prefer: wait for 1 s, then polls: a prediction ended by hand is seen at the next poll.
+    async with running_worker(worker_settings(simulator.base_url, replicate_prefer_wait_seconds=1), db_url) as worker:
         await say(db_url, user, thread, "hello")
         await wait_until(checking(lambda: simulator.predictions), what="a prediction")
         [run] = await query(db_url, "select id from assistant_runs")
         await query(db_url, "select assistant_finish_failed(%s, 'lease_expired', 'the worker of the last attempt died')",
                     (run["id"],))
+        [prediction] = simulator.predictions.values()
+        prediction.latency = time.time() - prediction.created  # it ends now, failed
         await wait_until(lambda: query(db_url, "select 1 from assistant_inference_events where status = 'failed'"),
                          what="the late attempt's event")
         sample = worker.metrics.registry.get_sample_value

@@ -198,6 +198,22 @@ def test_failing_the_same_attempt_again_gives_the_same_answer(conn, owner, threa
     assert conn.execute("select count(*) from assistant_messages where reply_to = %s", (run["message_id"],)).fetchone()[0] == 1
 
 
+def test_a_late_failure_of_an_attempt_number_given_back_by_a_release_is_superseded(conn, owner, thread) -> None:
+    """A release counts its attempt back, so a late worker's attempt number can be the run's
+    again: its first report still does not read as news."""
+    say(conn, owner, thread)
+    [first] = claim(conn, "w1")
+    assert fail(conn, first) == "queued"
+    conn.execute("update assistant_runs set next_attempt_at = now() where id = %s", (first["run_id"],))
+    [late] = claim(conn, "w2")
+    expire_lease(conn, late["run_id"])
+    [third] = claim(conn, "w3")
+    assert conn.execute("select release_run(%s, 'w3', 3)", (third["run_id"],)).fetchone()[0]
+    assert (run_row(conn, late["run_id"])["attempts"], late["attempt"]) == (2, 2)
+    assert fail(conn, late) == "superseded"
+    assert run_row(conn, late["run_id"])["status"] == "queued"
+
+
 def test_a_late_failure_after_the_lease_ran_out_on_the_last_attempt_is_superseded(conn, owner, thread) -> None:
     say(conn, owner, thread)
     for _ in range(3):

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from websockets.protocol import State
 
 log = logging.getLogger("worker.wakeups")
 
@@ -218,18 +219,25 @@ class _Pinger:
                 self._forget()
                 self.answered_at = now
             elif now - self.sent_at >= self.timeout:
-                self._forget()
-                transport = getattr(connection, "transport", None)
-                if transport is not None:
-                    transport.abort()
+                self._cut(connection)
                 return True
-        elif now - self.answered_at >= self.interval:
+        elif now - self.answered_at >= self.interval and getattr(connection, "state", None) is State.OPEN:
             try:
-                self.pong = await connection.ping()
+                # Bounded: sending waits while the connection closes or its writes are paused.
+                self.pong = await asyncio.wait_for(connection.ping(), self.timeout)
                 self.sent_at = now
+            except TimeoutError:
+                self._cut(connection)
+                return True
             except Exception:  # closed meanwhile: realtime-py reconnects
                 self.pong = None
         return False
+
+    def _cut(self, connection: Any) -> None:
+        self._forget()
+        transport = getattr(connection, "transport", None)
+        if transport is not None:
+            transport.abort()
 
     def _forget(self) -> None:
         if self.pong is not None:

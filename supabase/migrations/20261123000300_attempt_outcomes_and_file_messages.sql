@@ -5,8 +5,9 @@
 --    failed by another attempt, or failed as lease_expired on its last attempt) read 'failed'
 --    and counted a failed run that another worker, or the claim, had already ended: the
 --    worker's assistant_runs_failed_total counted such runs twice. The same call repeated (its
---    answer lost on the way: the worker retries store calls) still answers 'queued' or 'failed'
---    as the first time. Nothing else changes: the attempt's failed event is still recorded.
+--    answer lost on the way: the worker retries store calls) while the run is as that call left
+--    it still answers 'queued' or 'failed' as the first time. Nothing else changes: the
+--    attempt's failed event is still recorded.
 -- 2. A file attached to a message must belong to that message's thread. The insert policy of
 --    assistant_files (20261122000300) checked only that the message is the user's own, so a
 --    file could name a thread and a message of another of the user's threads. A trigger, for
@@ -31,6 +32,7 @@ as $$
 declare
   run public.assistant_runs;
   delay double precision;
+  recorded integer;
 begin
   if p_error_code is null or p_error_code !~ '^[a-z_]{1,64}$' then
     raise exception 'p_error_code must be a lower_snake_case code (got %)', p_error_code using errcode = '22023';
@@ -46,10 +48,12 @@ begin
     (run.user_id, run.thread_id, run.message_id, run.id, p_attempt, p_provider, coalesce(p_model, 'unknown'),
      p_prediction_id, 'failed', p_latency_ms, p_error_code)
   on conflict (run_id, attempt) where run_id is not null do nothing;
+  get diagnostics recorded = row_count;
 
   if run.status <> 'in_progress' or run.attempts <> p_attempt then
-    -- This very call again (its answer was lost on the way): the same answer.
-    if run.attempts = p_attempt and run.status in ('queued', 'failed')
+    -- This very call again (its answer was lost on the way): its event is recorded already and
+    -- the run is as that call left it, so the same answer.
+    if recorded = 0 and run.attempts = p_attempt and run.status in ('queued', 'failed')
        and run.last_error_code is not distinct from p_error_code then
       return run.status;
     end if;
