@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import heapq
 import json
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from worker.__main__ import loop_factory
 from worker.gctune import tune_gc
 from worker.simulator import ReplicateSimulator
 
@@ -106,10 +106,5 @@ if __name__ == "__main__":
     parser.add_argument("--event-loop", choices=["uvloop", "asyncio"], default="uvloop")
     args = parser.parse_args()
     # On uvloop like the worker: the simulator's CPU is the harness's, on the cores the system under test uses.
-    factory = None
-    if args.event_loop == "uvloop":
-        with contextlib.suppress(ImportError):  # not installed where uvloop is not (Windows)
-            import uvloop
-            factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
         runner.run(main(args.latency, args.port))

@@ -201,21 +201,20 @@ class SupabaseEmulator:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
-        for ws in list(self.stalled):
-            self._transports[ws].abort()  # a close handshake would wait for an answer never read
-        for ws in list(self.sockets - self.stalled):
-            with contextlib.suppress(Exception):
-                await ws.close()
+        await self._close_sockets()
         if self._runner:
             await self._runner.cleanup()
 
     # -- faults ---------------------------------------------------------------------------------
-    async def drop_connections(self) -> None:
+    async def _close_sockets(self, **close: Any) -> None:
         for ws in list(self.stalled):
-            self._transports[ws].abort()
+            self._transports[ws].abort()  # a close handshake would wait for an answer never read
         for ws in list(self.sockets - self.stalled):
             with contextlib.suppress(Exception):
-                await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"simulated outage")
+                await ws.close(**close)
+
+    async def drop_connections(self) -> None:
+        await self._close_sockets(code=WSCloseCode.INTERNAL_ERROR, message=b"simulated outage")
         self.subscriptions.clear()
 
     def stall_connections(self) -> None:

@@ -9,9 +9,8 @@ import httpx
 
 from tests.pipeline_helpers import checking, wait_until
 from tests.supabase_emulator import SupabaseEmulator
-from tests.test_supabase_transport import start_worker, stop_worker, supabase_settings
+from tests.test_supabase_transport import quick_wakeups, start_worker, stop_worker, supabase_settings
 from worker.app import health_endpoint
-from worker.wakeups import RealtimeWakeups
 
 
 async def readyz_status(http: httpx.AsyncClient, status: int) -> httpx.Response | None:
@@ -25,7 +24,7 @@ async def test_readyz_is_503_with_the_reason_until_the_realtime_subscription_is_
     # The channel will be joined, but subscribing to the database's changes is refused.
     await emulator.fail_postgres_changes()
     settings = supabase_settings(simulator, emulator, metrics_enabled=True, metrics_host="127.0.0.1", metrics_port=0)
-    wakeups = RealtimeWakeups(settings.supabase_url, emulator.service_role_key, check_seconds=0.1, max_backoff=1.0)
+    wakeups = quick_wakeups(emulator, max_backoff=1.0)
     worker, task, clients = await start_worker(settings, wakeups)
     try:
         async with health_endpoint(settings, worker) as health:

@@ -214,16 +214,6 @@ def test_a_late_failure_of_an_attempt_number_given_back_by_a_release_is_supersed
     assert run_row(conn, late["run_id"])["status"] == "queued"
 
 
-def test_a_late_failure_after_the_lease_ran_out_on_the_last_attempt_is_superseded(conn, owner, thread) -> None:
-    say(conn, owner, thread)
-    for _ in range(3):
-        [run] = claim(conn)
-        expire_lease(conn, run["run_id"])
-    assert claim(conn) == []  # the claim ends the run: lease_expired
-    assert fail(conn, run) == "superseded"
-    assert run_row(conn, run["run_id"])["last_error_code"] == "lease_expired"
-
-
 def test_a_lease_expired_on_the_last_attempt_fails_the_run(conn, owner, thread) -> None:
     say(conn, owner, thread)
     for _ in range(3):
@@ -233,6 +223,9 @@ def test_a_lease_expired_on_the_last_attempt_fails_the_run(conn, owner, thread) 
     row = run_row(conn, run["run_id"])
     assert row["status"] == "failed" and row["last_error_code"] == "lease_expired"
     assert conn.execute("select metadata_json->>'error_code' from assistant_messages where role = 'assistant'").fetchone()[0] == "lease_expired"
+    # The last attempt's worker reports late: the run was not its to end.
+    assert fail(conn, run) == "superseded"
+    assert run_row(conn, run["run_id"])["last_error_code"] == "lease_expired"
 
 
 def test_a_claim_with_nothing_due_changes_nothing(conn, owner, thread) -> None:

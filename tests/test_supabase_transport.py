@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import psycopg
@@ -52,6 +53,11 @@ async def stop_worker(worker: Worker, task: asyncio.Task, clients: contextlib.As
     worker.stop()
     await asyncio.wait_for(task, timeout=30)
     await clients.aclose()
+
+
+def quick_wakeups(supabase: SupabaseEmulator, **options: Any) -> RealtimeWakeups:
+    """The worker's Realtime supervisor on the tests' timescale: its health checked every 0.1 s."""
+    return RealtimeWakeups(supabase.base_url, supabase.service_role_key, check_seconds=0.1, **options)
 
 
 async def live(worker: Worker) -> bool:
@@ -100,8 +106,7 @@ async def test_messages_written_before_the_subscription_are_swept(db_url, simula
 async def test_dropped_and_refused_realtime_reconnects_and_answers_what_arrived_meanwhile(db_url, simulator, supabase) -> None:
     user, thread = await new_user_thread(db_url)
     settings = supabase_settings(simulator, supabase)
-    wakeups = RealtimeWakeups(settings.supabase_url, supabase.service_role_key, check_seconds=0.1,
-                              unhealthy_grace_seconds=1.0, realtime_options={"max_retries": 2, "initial_backoff": 0.1})
+    wakeups = quick_wakeups(supabase, unhealthy_grace_seconds=1.0, realtime_options={"max_retries": 2, "initial_backoff": 0.1})
     worker, task, http = await start_worker(settings, wakeups)
     try:
         await wait_until(lambda: live(worker), what="the first subscription")
@@ -135,9 +140,8 @@ async def test_a_half_open_realtime_connection_is_found_by_its_pings_and_replace
     keepalive would, after 20 + 20 + 10 s, past this test's wait (the sweep is an hour away)."""
     user, thread = await new_user_thread(db_url)
     settings = supabase_settings(simulator, supabase)
-    wakeups = RealtimeWakeups(settings.supabase_url, supabase.service_role_key, check_seconds=0.1,
-                              unhealthy_grace_seconds=1.0, ping_interval_seconds=0.2, ping_timeout_seconds=2.0,
-                              realtime_options={"initial_backoff": 0.1})
+    wakeups = quick_wakeups(supabase, unhealthy_grace_seconds=1.0, ping_interval_seconds=0.2, ping_timeout_seconds=2.0,
+                            realtime_options={"initial_backoff": 0.1})
     worker, task, http = await start_worker(settings, wakeups)
     try:
         await wait_until(lambda: live(worker), what="the first subscription")
@@ -180,8 +184,7 @@ async def test_a_refused_changes_subscription_is_not_live_and_is_retried_with_ba
     user, thread = await new_user_thread(db_url)
     settings = supabase_settings(simulator, supabase)
     # A grace period longer than the test: only the worker's reaction to the error can rebuild.
-    wakeups = RealtimeWakeups(settings.supabase_url, supabase.service_role_key, check_seconds=0.1,
-                              unhealthy_grace_seconds=120, max_backoff=2.0)
+    wakeups = quick_wakeups(supabase, unhealthy_grace_seconds=120, max_backoff=2.0)
     worker, task, http = await start_worker(settings, wakeups)
     try:
         await wait_until(lambda: live(worker), what="the first subscription")
@@ -215,8 +218,7 @@ async def test_a_subscription_that_keeps_failing_once_confirmed_is_rebuilt_with_
     # change capture crashing and restarting): a confirmation alone does not reset the backoff,
     # or the worker would reconnect twice a second for as long as it lasts.
     settings = supabase_settings(simulator, supabase)
-    wakeups = RealtimeWakeups(settings.supabase_url, supabase.service_role_key, check_seconds=0.1,
-                              unhealthy_grace_seconds=5, max_backoff=4.0)
+    wakeups = quick_wakeups(supabase, unhealthy_grace_seconds=5, max_backoff=4.0)
     worker, task, http = await start_worker(settings, wakeups)
     try:
         await wait_until(lambda: live(worker), what="the first subscription")

@@ -88,12 +88,12 @@ def _run() -> int:
 
     settings = _settings()
     logs.configure(settings.log_level)
-    with asyncio.Runner(loop_factory=_loop_factory(settings.worker_event_loop)) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(settings.worker_event_loop)) as runner:
         runner.run(_run_async(settings, _database_url(settings)))
     return 0
 
 
-def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop for `uvloop` when it is installed; asyncio's default loop otherwise."""
     if name == "uvloop":
         try:
