@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 
 import psycopg.errors
 import pytest
@@ -83,3 +84,80 @@ async def test_users_cancel_only_their_own_requests_that_are_still_open(db_url, 
         await wait_until(lambda: query(db_url, "select 1 from assistant_runs where status = 'completed'"), what="the reply")
     with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"already ended \(completed\)"):
         await as_user(db_url, user, "select cancel_run(%s)", (run["id"],))
+
+
+async def held_create(db_url: str, simulator, user, thread, content: str):
+    """A message whose prediction's create is held by Prefer: wait (replies not streamed),
+    the prediction running until the test ends it."""
+    message = await say(db_url, user, thread, content)
+    await wait_until(checking(lambda: len(simulator.predictions) == 1), what="the create to be held")
+    [prediction] = simulator.predictions.values()
+    return message, prediction
+
+
+@pytest.mark.parametrize("ending", ["ended", "still-running"])
+async def test_a_request_cancelled_during_its_held_create_is_charged_and_its_prediction_cancelled(
+        db_url, simulator, ending: str) -> None:
+    """Cancelled while the create is held by Prefer: wait, the run ends at once; the worker
+    lets the create answer, cancels the prediction at Replicate if it is still running, and
+    records what it consumed on the run's event and the user's usage: cancelling early gives
+    no free tokens, and no prediction runs on unknown."""
+    simulator.latency = 600.0  # ended, or let go, by hand
+    user, thread = await new_user_thread(db_url)
+    settings = worker_settings(simulator.base_url, replicate_prefer_wait_seconds=60)
+    async with running_worker(settings, db_url) as worker:
+        message, prediction = await held_create(db_url, simulator, user, thread, "cancel me while you think")
+        run = await run_of(db_url, message)
+        [result] = await as_user(db_url, user, "select cancel_run(%s) as status", (run["id"],))
+        assert result["status"] == "cancelling"
+        await wait_until(lambda: query(db_url, "select 1 from assistant_runs where status = 'cancelled'"),
+                         what="the cancellation")
+        # Ended while the create is still held: the model is known, the prediction not yet.
+        assert prediction.status(time.time()) == "processing"
+        [event] = await query(db_url, "select prediction_id, model from assistant_inference_events")
+        assert event == {"prediction_id": None, "model": "meta/meta-llama-3-8b-instruct"}
+        if ending == "ended":
+            prediction.end_now()  # the held create answers with the prediction succeeded
+        else:
+            prediction.answer_now.set()  # it answers with the prediction still running
+        await wait_until(lambda: query(db_url, "select 1 from assistant_inference_events where prediction_id is not null"),
+                         what="the prediction to be recorded")
+    [event] = await query(db_url, "select status, prediction_id, input_tokens, output_tokens, cost_estimate_usd"
+                                  " from assistant_inference_events")
+    assert (event["status"], event["prediction_id"]) == ("cancelled", prediction.id)
+    cancels = [r for r in simulator.requests if r.path.endswith("/cancel")]
+    counters = await query(db_url, "select used from ai_usage_counters where user_id = %s and metric = 'tokens'"
+                                    " and time_window = 'day'", (user,))
+    if ending == "ended":
+        assert prediction.canceled_at is None and cancels == []  # nothing left to cancel
+        assert event["output_tokens"] == len(prediction.tokens) > 0 and event["input_tokens"] > 0
+        assert event["cost_estimate_usd"] > 0
+        assert counters == [{"used": event["input_tokens"] + event["output_tokens"]}]
+        assert worker.metrics.registry.get_sample_value(
+            "assistant_cost_usd_total", {"model": "meta/meta-llama-3-8b-instruct"}) == float(event["cost_estimate_usd"])
+    else:
+        assert prediction.canceled_at is not None and len(cancels) == 1
+        assert event["output_tokens"] is None and counters in ([], [{"used": 0}])
+    assert await query(db_url, "select * from assistant_messages where reply_to = %s", (message,)) == []
+    assert worker.counts["cancelled"] == 1
+
+
+async def test_shutdown_past_its_grace_cancels_a_held_create_s_prediction_once_it_answers(db_url, simulator) -> None:
+    """Shutdown past the grace period gives back a run whose create is held, at once; before it
+    exits, the worker waits for the create to answer and cancels the prediction at Replicate."""
+    simulator.latency = 600.0
+    user, thread = await new_user_thread(db_url)
+    settings = worker_settings(simulator.base_url, replicate_prefer_wait_seconds=60, worker_shutdown_grace_seconds=0)
+    async with running_worker(settings, db_url) as worker:
+        message, prediction = await held_create(db_url, simulator, user, thread, "stop while I wait")
+        worker.stop()
+        await wait_until(lambda: query(db_url, "select 1 from assistant_runs where status = 'queued' and attempts = 0"),
+                         what="the run to be given back")
+        await wait_until(checking(lambda: worker.provider.settling), what="the worker to wait for the create")
+        assert prediction.canceled_at is None
+        prediction.answer_now.set()  # the create answers, the prediction still running
+    assert worker.provider.settling == set()
+    assert prediction.canceled_at is not None
+    [run] = await query(db_url, "select status, attempts, lease_owner from assistant_runs")
+    assert run == {"status": "queued", "attempts": 0, "lease_owner": None}
+    assert worker.counts["released"] == 1

@@ -247,40 +247,48 @@ async def test_runs_left_by_a_dead_worker_are_taken_over_once_their_lease_expire
     await assert_usage_counted_once(db_url, user, 5)
 
 
-@pytest.mark.parametrize("grace", [30, 0], ids=["within-the-grace-period", "past-it"])
-async def test_sigterm_lets_runs_in_flight_finish_or_gives_them_back(db_url, simulator, tmp_path, grace) -> None:
+@pytest.mark.parametrize("case", ["within-the-grace-period", "past-it-streamed", "past-it-held"])
+async def test_sigterm_lets_runs_in_flight_finish_or_gives_them_back(db_url, simulator, tmp_path, case) -> None:
     """`python -m worker run` as deployed (uvloop's event loop, signal handlers) on SIGTERM stops
     claiming and lets the runs in flight finish within WORKER_SHUTDOWN_GRACE_SECONDS; past it,
     it cancels their predictions at Replicate and gives the runs back without counting the
-    attempt. It exits 0 either way. (Past the grace period the replies are streamed: the create
-    returns at once and the worker holds each prediction's id when the signal comes. A create held
-    by Prefer: wait that is cancelled leaves no id to cancel: see the README's shutdown notes.)"""
+    attempt. It exits 0 either way. Streamed, the worker holds each prediction's id when the
+    signal comes; a create held by Prefer: wait has not answered yet: the worker gives the run
+    back at once, waits for the create to answer, then cancels its prediction."""
+    grace = case == "within-the-grace-period"
+    streamed = case == "past-it-streamed"
     # Still running when the signal comes: ended by hand once it is handled, or cancelled. (20 s
     # streamed: the simulator's stream of a cancelled prediction ends at its next token.)
-    simulator.latency = 600.0 if grace else 20.0
+    simulator.latency = 20.0 if streamed else 600.0
     user, _ = await new_user_thread(db_url, plan="premium")
     messages = [await say(db_url, user, await new_thread(db_url, user), f"in flight {i}") for i in range(3)]
     log_path = tmp_path / "worker.log"
     with open(log_path, "w") as log_file:
         worker = await spawn_worker(db_url, simulator, "terminated", stderr=log_file,
-                                    env_extra={"WORKER_SHUTDOWN_GRACE_SECONDS": str(grace), "LOG_LEVEL": "INFO",
+                                    env_extra={"WORKER_SHUTDOWN_GRACE_SECONDS": "30" if grace else "0",
+                                               "LOG_LEVEL": "INFO", "STREAM_REPLIES": str(streamed).lower(),
                                                # within the grace period polled: a prediction ended by
                                                # hand is seen at the next read
-                                               "STREAM_REPLIES": "false" if grace else "true",
-                                               "REPLICATE_PREFER_WAIT_SECONDS": "1"})
+                                               "REPLICATE_PREFER_WAIT_SECONDS": "1" if grace else "60"})
     try:
-        if grace:
-            await wait_until(checking(lambda: len(simulator.creates) == 3), timeout=30, what="3 predictions to start")
-        else:
+        if streamed:
             await wait_until(checking(lambda: sum(r.path.startswith("/v1/streams/") for r in simulator.requests) == 3),
                              timeout=30, what="3 predictions to stream")
+        else:
+            await wait_until(checking(lambda: len(simulator.creates) == 3), timeout=30, what="3 predictions to start")
         worker.send_signal(signal.SIGTERM)
         if grace:
             await wait_until(checking(lambda: '"worker.draining"' in log_path.read_text()), timeout=30,
                              what="the worker to start draining")
             assert await held_by(db_url, "terminated")  # still its own while they finish
             for prediction in simulator.predictions.values():
-                prediction.latency = time.time() - prediction.created  # they end now
+                prediction.end_now()
+        elif not streamed:
+            await wait_until(checking(lambda: '"worker.settling"' in log_path.read_text()), timeout=30,
+                             what="the worker to wait for the held creates")
+            assert not any(p.canceled_at for p in simulator.predictions.values())
+            for prediction in simulator.predictions.values():
+                prediction.answer_now.set()  # the held creates answer, the predictions still running
         assert await asyncio.wait_for(worker.wait(), timeout=30) == 0
     finally:
         await stop_processes(worker)
@@ -384,7 +392,7 @@ async def test_faults_on_reads_of_a_running_prediction_cost_no_second_prediction
         if not stream:
             await wait_until(checking(lambda: simulator.faults == []), 30, "every read fault to be met")
             [prediction] = simulator.predictions.values()
-            prediction.latency = time.time() - prediction.created  # it ends now
+            prediction.end_now()
         [run] = await finished_runs(db_url, 1, timeout=30)
     assert simulator.faults == []  # every read fault was met
     assert (run["status"], run["attempts"]) == ("completed", 1)
@@ -466,7 +474,7 @@ async def test_the_worker_recovers_from_a_database_restart_and_reports_it(own_cl
             await wait_until(lambda: not_ready(http, base), what="readiness to drop")
             assert (await http.get(f"{base}/healthz")).status_code == 200  # alive, just not ready
             if outage == "while_the_reply_is_written":
-                prediction.latency = time.time() - prediction.created  # it ends now, the database down
+                prediction.end_now()  # the database down
                 await wait_until(checking(lambda: {"complete_run", "complete_runs"} & set(store.failed)),
                                  timeout=30, what="the reply's write to fail")
             await asyncio.to_thread(cluster.start)
@@ -474,7 +482,7 @@ async def test_the_worker_recovers_from_a_database_restart_and_reports_it(own_cl
                 # The database came back before the prediction ended, and no write was tried.
                 assert prediction.status(time.time()) in ("starting", "processing")
                 assert not {"complete_run", "complete_runs"} & set(store.failed)
-                prediction.latency = time.time() - prediction.created  # it ends now
+                prediction.end_now()
 
             await wait_until(lambda: ready(http, base), timeout=30, what="readiness after the restart")
             if in_flight is not None:

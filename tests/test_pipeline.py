@@ -8,7 +8,6 @@ import gc
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from decimal import Decimal
@@ -173,7 +172,7 @@ async def test_a_run_ended_meanwhile_is_not_counted_failed_by_the_late_attempt(d
         await query(db_url, "select assistant_finish_failed(%s, 'lease_expired', 'the worker of the last attempt died')",
                     (run["id"],))
         [prediction] = simulator.predictions.values()
-        prediction.latency = time.time() - prediction.created  # it ends now, failed
+        prediction.end_now()  # failed
         await wait_until(lambda: query(db_url, "select 1 from assistant_inference_events where status = 'failed'"),
                          what="the late attempt's event")
         sample = worker.metrics.registry.get_sample_value

@@ -20,7 +20,14 @@ from tests.replicate_stub import DROP, HANG, ReplicateStub, Reply
 from worker.app import replicate_http
 from worker.config import DEFAULT_CHAT_MODEL, DEFAULT_VISION_MODEL, Settings
 from worker.prompts import build_request
-from worker.provider import ProviderError, ReplicateClient, estimate_cost, parse_retry_after, server_sent_events
+from worker.provider import (
+    PredictionHandle,
+    ProviderError,
+    ReplicateClient,
+    estimate_cost,
+    parse_retry_after,
+    server_sent_events,
+)
 
 CHAT_PATH = "/v1/models/meta/meta-llama-3-8b-instruct/predictions"
 
@@ -194,6 +201,35 @@ async def test_a_read_timeout_on_create_is_not_repeated(stub: ReplicateStub) -> 
     with pytest.raises(ProviderError) as error:
         await predict(settings(stub, replicate_prefer_wait_seconds=1, replicate_timeout_seconds=0.2))
     assert (error.value.code, error.value.retryable, route.call_count) == ("timeout", True, 1)
+
+
+async def test_a_caller_cancelled_while_a_create_waits_to_be_retried_creates_nothing(stub: ReplicateStub) -> None:
+    """Between retries no request is on its way: the create is dropped with its caller (nothing
+    to settle), and the retry is never sent."""
+    route = stub.post(CHAT_PATH).side_effect(Reply(503, text="busy"), Reply(201, json=prediction("processing", output=[])))
+    s = settings(stub)
+    waiting, dropped = asyncio.Event(), asyncio.Event()
+
+    async def sleep(_: float) -> None:
+        waiting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            dropped.set()
+            raise
+
+    async with replicate_http(s) as http:
+        client = ReplicateClient(http, s)
+        client.sleep = sleep
+        handle = PredictionHandle()
+        caller = asyncio.create_task(client.predict(DEFAULT_CHAT_MODEL, {"prompt": "hi"}, handle=handle))
+        await asyncio.wait_for(waiting.wait(), 5)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.wait_for(dropped.wait(), 5)  # the retry's wait was cancelled with the caller
+        assert handle.settling is None and client.settling == set()
+    assert route.call_count == 1
 
 
 async def test_a_prediction_past_its_deadline_is_cancelled(stub: ReplicateStub) -> None:

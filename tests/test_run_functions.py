@@ -265,6 +265,41 @@ def test_a_cancelled_run_whose_worker_died_ends_cancelled_at_the_next_claim(conn
     assert row["status"] == "cancelled" and row["lease_owner"] is None
 
 
+def test_a_cancelled_prediction_s_consumption_is_recorded_once(conn, owner, thread) -> None:
+    """record_cancelled_consumption: a run cancelled while its create was on its way gets the
+    prediction and what it consumed on its cancelled event, and the tokens on the user's usage,
+    once; an event that already names a prediction is left alone."""
+    say(conn, owner, thread)
+    [run] = claim(conn)
+    conn.execute("select finish_cancelled(%s, %s)",
+                 (run["run_id"], psycopg.types.json.Jsonb({"attempt": 1, "model": MODEL, "prediction_id": None})))
+    before = {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()}
+    consumed = psycopg.types.json.Jsonb({"attempt": 1, "model": MODEL, "prediction_id": "pred-late", "input_tokens": 40,
+                                         "output_tokens": 2, "cost_usd": "0.00002"})
+    record = "select record_cancelled_consumption(%s, %s)"
+    assert conn.execute(record, (run["run_id"], consumed)).fetchone()[0] is True
+    assert conn.execute(record, (run["run_id"], consumed)).fetchone()[0] is False  # once
+    event = conn.execute("select status, model, prediction_id, input_tokens, output_tokens, cost_estimate_usd"
+                         " from assistant_inference_events where run_id = %s", (run["run_id"],)).fetchone()
+    assert event == ("cancelled", MODEL, "pred-late", 40, 2, Decimal("0.00002"))
+    after = {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()}
+    assert after[("tokens", "day")] == before.get(("tokens", "day"), 0) + 42
+    assert after[("cost_usd", "day")] == before.get(("cost_usd", "day"), 0) + Decimal("0.00002")
+    # Another attempt, or a run whose cancelled event already names its prediction: nothing.
+    other = psycopg.types.json.Jsonb({"attempt": 2, "prediction_id": "pred-other", "output_tokens": 5})
+    assert conn.execute(record, (run["run_id"], other)).fetchone()[0] is False
+    assert {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()} == after
+
+
+@pytest.mark.parametrize("consumed", [None, {}, {"attempt": 1}, {"prediction_id": "p"}, [1]])
+def test_record_cancelled_consumption_says_what_it_needs(conn, owner, thread, consumed) -> None:
+    say(conn, owner, thread)
+    [run] = claim(conn)
+    value = None if consumed is None else psycopg.types.json.Jsonb(consumed)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="object with attempt and prediction_id"):
+        conn.execute("select record_cancelled_consumption(%s, %s)", (run["run_id"], value))
+
+
 def test_release_gives_the_attempt_back(conn, owner, thread) -> None:
     say(conn, owner, thread)
     [run] = claim(conn, "w1")
@@ -334,6 +369,7 @@ def test_concurrent_claims_are_disjoint(db_url: str, conn, owner, thread) -> Non
     "select extend_lease(gen_random_uuid(), 'x', 1)",
     "select * from run_queue_status()",
     "select assistant_finish_failed(gen_random_uuid(), 'timeout', 'x')",
+    "select record_cancelled_consumption(gen_random_uuid(), '{}')",
 ])
 @pytest.mark.parametrize("actor", ["anon", "authenticated"])
 def test_clients_cannot_call_worker_functions(conn, owner, call: str, actor: str) -> None:

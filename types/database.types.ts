@@ -1218,6 +1218,10 @@ export type Database = {
           version: number
         }[]
       }
+      record_cancelled_consumption: {
+        Args: { p_consumed: Json; p_run_id: string }
+        Returns: boolean
+      }
       refresh_ai_usage_reports: { Args: never; Returns: undefined }
       register_action_types: { Args: { p_types: Json }; Returns: undefined }
       release_run: {

@@ -72,6 +72,8 @@ class Worker:
         self.metrics = Metrics()
         self.publisher = publisher if settings.stream_replies else None
         self.cancelling: set[uuid.UUID] = set()
+        # Cancelled runs whose create was still on its way: what it consumed is recorded once it answers.
+        self.recording: set[asyncio.Task[None]] = set()
         self._check_cancellations = asyncio.Event()
         self.completions: Batcher[Completion, uuid.UUID | None] = Batcher(self._complete_batch, COMPLETE_BATCH)
 
@@ -238,16 +240,26 @@ class Worker:
         task.add_done_callback(done)
 
     async def _drain(self) -> None:
-        """Stop claiming; let in-flight runs finish within the grace period; release the rest."""
-        if not self.inflight and not self.action_tasks:
-            return
+        """Stop claiming; let in-flight runs finish within the grace period; release the rest;
+        then wait for the creates those left on their way, so their predictions are cancelled."""
         pending: list[asyncio.Task[Any]] = [*self.inflight.values(), *self.action_tasks]
-        log.info("draining", extra={"event": "worker.draining", "in_flight": len(pending)})
-        _, still_running = await asyncio.wait(pending, timeout=self.settings.worker_shutdown_grace_seconds)
-        for task in still_running:
-            task.cancel()
-        if still_running:
-            await asyncio.wait(still_running, timeout=10)
+        if pending:
+            log.info("draining", extra={"event": "worker.draining", "in_flight": len(pending)})
+            _, still_running = await asyncio.wait(pending, timeout=self.settings.worker_shutdown_grace_seconds)
+            for task in still_running:
+                task.cancel()
+            if still_running:
+                await asyncio.wait(still_running, timeout=10)
+        settling = [*self.provider.settling, *self.recording]
+        if settling:
+            # A create held by Prefer: wait answers within the wait; then its read timeout ends it.
+            bound = self.settings.replicate_prefer_wait_seconds + self.settings.replicate_timeout_seconds
+            log.info("waiting for creates on their way, to cancel their predictions",
+                     extra={"event": "worker.settling", "creates": len(settling)})
+            _, left = await asyncio.wait(settling, timeout=bound)
+            if left:
+                log.warning("creates still unanswered at shutdown; their predictions may run on at Replicate",
+                            extra={"event": "worker.settle_abandoned", "creates": len(left)})
 
     # -- one run --------------------------------------------------------------------------------
     async def _process(self, run: ClaimedRun) -> None:
@@ -293,6 +305,10 @@ class Worker:
                 consumed = self._consumed(run, request, handle)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.store.finish_cancelled(run, consumed))
+                if handle.settling is not None and request is not None:
+                    recording = asyncio.create_task(self._record_settled(run, request, handle))
+                    self.recording.add(recording)
+                    recording.add_done_callback(self.recording.discard)
                 self.counts["cancelled"] += 1
                 self.metrics.cancelled.inc()
                 if consumed and consumed["cost_usd"] is not None:
@@ -301,7 +317,7 @@ class Worker:
                                                  "prediction_id": handle.prediction_id})
                 return
             # Shutdown past the grace period: give the run back untouched (the prediction was
-            # cancelled at Replicate by the provider).
+            # cancelled at Replicate by the provider, or will be once its create answers).
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.store.release(run, self.settings.worker_id))
             self.counts["released"] += 1
@@ -316,8 +332,9 @@ class Worker:
             lease.cancel()
 
     def _consumed(self, run: ClaimedRun, request: ModelRequest | None, handle: PredictionHandle) -> dict[str, Any] | None:
-        """What a cancelled prediction used, from the state Replicate last reported."""
-        if handle.prediction_id is None or request is None:
+        """What a cancelled prediction used, from the state Replicate last reported. None when no
+        prediction was asked for; no prediction id yet while its create is on its way."""
+        if request is None or (handle.prediction_id is None and handle.settling is None):
             return None
         metrics = handle.last.get("metrics")
         used = Prediction(handle.prediction_id, "", metrics if isinstance(metrics, dict) else {})
@@ -325,6 +342,25 @@ class Worker:
         return {"attempt": run.attempt, "model": request.model.slug, "prediction_id": handle.prediction_id,
                 "input_tokens": used.input_tokens, "output_tokens": used.output_tokens,
                 "cost_usd": float(cost) if cost is not None else None}
+
+    async def _record_settled(self, run: ClaimedRun, request: ModelRequest, handle: PredictionHandle) -> None:
+        """A run cancelled while its create was on its way: once the create has answered and the
+        prediction is cancelled, what it consumed goes on the run's cancelled event and the
+        user's usage (record_cancelled_consumption, once)."""
+        assert handle.settling is not None
+        await handle.settling
+        consumed = self._consumed(run, request, handle)
+        if consumed is None or consumed["prediction_id"] is None:
+            return  # the create failed: nothing was started, or nothing can be found
+        try:
+            recorded = await self._store_call(lambda: self.store.record_cancelled_consumption(run, consumed))
+        except Exception as exc:
+            log.warning("recording a cancelled prediction failed", extra={
+                "event": "run.cancel_record_failed", "run_id": str(run.run_id),
+                "prediction_id": consumed["prediction_id"], "error": str(exc)[:200]})
+            return
+        if recorded and consumed["cost_usd"] is not None:
+            self.metrics.cost.labels(consumed["model"]).inc(consumed["cost_usd"])
 
     async def _knowledge(self, run: ClaimedRun, assistant: Assistant) -> tuple[list[KnowledgeChunk], str | None]:
         """Retrieved chunks for an assistant with a knowledge base. A failed retrieval does not

@@ -90,6 +90,11 @@ class PredictionHandle:
     last: dict[str, Any] = field(default_factory=dict)
     time_to_first_token_ms: int | None = None
     read_failures: int = 0  # reads of the prediction that failed and were tried again
+    # True while a create request is on its way to Replicate (sent, no answer yet).
+    create_in_flight: bool = False
+    # Set when the caller was cancelled during that create: it ends in the background, then the
+    # prediction it started is cancelled at Replicate (and `prediction_id`, `last` are filled in).
+    settling: asyncio.Task[None] | None = None
 
 
 OnText = Callable[[str], Awaitable[None]]
@@ -250,6 +255,8 @@ class ReplicateClient:
         self.create_limiter = AsyncLimiter(max(1, per_minute // 60), 1) if per_minute else None
         # How retries and polls wait (tests replace it to skip the waiting).
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        # Creates whose caller was cancelled while they were on their way: see `settle`.
+        self.settling: set[asyncio.Task[None]] = set()
         timeout = settings.replicate_timeout_seconds
         self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
         # A create held by Prefer: wait answers once the prediction ends: up to the wait, plus time.
@@ -297,9 +304,10 @@ class ReplicateClient:
         return prediction
 
     async def create(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None,
-                     wait: bool = True) -> dict[str, Any]:
+                     wait: bool = True, handle: PredictionHandle | None = None) -> dict[str, Any]:
         """POST the prediction; with `wait`, wait up to `replicate_prefer_wait_seconds` for it to
-        finish (Prefer: wait), else return at once (to stream it)."""
+        finish (Prefer: wait), else return at once (to stream it). `handle.create_in_flight` is
+        true while a request is on its way."""
         headers = self._headers(token)
         if wait:
             headers["Prefer"] = f"wait={self.settings.replicate_prefer_wait_seconds}"
@@ -329,7 +337,13 @@ class ReplicateClient:
         async def attempt() -> dict[str, Any]:
             if self.create_limiter is not None:
                 await self.create_limiter.acquire()
-            return await self._request("POST", url, headers, body, timeout)
+            if handle is None:
+                return await self._request("POST", url, headers, body, timeout)
+            handle.create_in_flight = True
+            try:
+                return await self._request("POST", url, headers, body, timeout)
+            finally:
+                handle.create_in_flight = False
 
         return await retried(attempt, lambda: AsyncRetrying(
             stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1), retry=retry_if_exception(transient),
@@ -414,7 +428,17 @@ class ReplicateClient:
         text so far; the final output is still the prediction's own, read once it has ended."""
         handle = handle or PredictionHandle()
         started = time.monotonic()
-        prediction = await self.create(model, model_input, token, wait=on_text is None)
+        create = asyncio.ensure_future(self.create(model, model_input, token, wait=on_text is None, handle=handle))
+        try:
+            # Shielded: a caller cancelled while the request is on its way must not drop it, or
+            # the prediction it starts runs on at Replicate, unknown and paid for.
+            prediction = await asyncio.shield(create)
+        except asyncio.CancelledError:
+            if handle.create_in_flight or create.done():
+                handle.settling = self._settle(create, token, handle)
+            else:  # waiting for the rate limiter or a retry: nothing was created
+                create.cancel()
+            raise
         prediction_id = handle.prediction_id = prediction["id"]
         handle.last = prediction
         deadline = started + self.settings.prediction_timeout_seconds
@@ -450,6 +474,37 @@ class ReplicateClient:
             raise ProviderError("model_failed", f"prediction {status}: {error}", retryable=True,
                                 prediction_id=prediction_id)
         return prediction, int((time.monotonic() - started) * 1000)
+
+    def _settle(self, create: asyncio.Future[dict[str, Any]], token: str | None,
+                handle: PredictionHandle) -> asyncio.Task[None]:
+        """Lets a create whose caller was cancelled answer, then cancels the prediction it
+        started (a held create may even answer with the prediction ended: it is then only
+        recorded in `handle`). A create that fails created nothing that can be found: a timeout
+        may leave a prediction behind, the gap the README names."""
+        async def settle() -> None:
+            try:
+                prediction = await create
+            except (ProviderError, asyncio.CancelledError):
+                return
+            handle.prediction_id, handle.last = prediction["id"], prediction
+            if prediction["status"] not in TERMINAL:
+                handle.last = await self.cancel(prediction["id"], token) or prediction
+            log.info("the create of a cancelled prediction answered; cancelled it at Replicate",
+                     extra={"event": "prediction.settled", "prediction_id": prediction["id"],
+                            "status": handle.last.get("status")})
+
+        task = asyncio.create_task(settle(), name="settle-create")
+        self.settling.add(task)
+        task.add_done_callback(self.settling.discard)
+        return task
+
+    async def settle(self, timeout: float) -> int:
+        """Waits up to `timeout` for the creates of cancelled callers to answer and their
+        predictions to be cancelled; the number still waiting (before shutting down)."""
+        if self.settling:
+            _, pending = await asyncio.wait(set(self.settling), timeout=timeout)
+            return len(pending)
+        return 0
 
     async def predict(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None, *,
                       on_text: OnText | None = None, handle: PredictionHandle | None = None) -> Prediction:

@@ -10,6 +10,7 @@ per read (`GET /v1/predictions/{id}`) for faults injected with `on="get"`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -72,6 +73,15 @@ class SimPrediction:
     canceled_at: float | None = None
     output_override: Any = None
     stream_fault: str | None = None
+    # Set when a create held by Prefer: wait should answer before its wait is up: the
+    # prediction ended by hand or was canceled (as Replicate answers a held create once the
+    # prediction ends), or a test lets it go with the prediction still running.
+    answer_now: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
+
+    def end_now(self) -> None:
+        """Ends the prediction now (as `end_as` says); a create held for it answers."""
+        self.latency = time.time() - self.created
+        self.answer_now.set()
 
     def status(self, now: float) -> str:
         if self.canceled_at is not None:
@@ -293,7 +303,9 @@ class ReplicateSimulator:
         if prefer:
             wait = min(float(prefer.group(1) or 60), prediction.latency)
             if wait > 0:
-                await asyncio.sleep(wait)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await prediction.answer_now.wait()
         headers = {"Preference-Applied": request.headers["Prefer"]} if prefer else None
         return web.json_response(prediction.to_json(time.time()), status=201, headers=headers)
 
@@ -361,4 +373,5 @@ class ReplicateSimulator:
         now = time.time()
         if prediction.status(now) in ("starting", "processing"):
             prediction.canceled_at = now
+            prediction.answer_now.set()
         return web.json_response(prediction.to_json(now))

@@ -135,6 +135,11 @@ class RunStore(ABC):
     async def finish_cancelled(self, run: ClaimedRun, consumed: dict[str, Any] | None) -> None:
         await self.call("finish_cancelled", {"p_run_id": run.run_id, "p_consumed": consumed})
 
+    async def record_cancelled_consumption(self, run: ClaimedRun, consumed: dict[str, Any]) -> bool:
+        """What a prediction consumed whose create answered after its run was cancelled; false
+        when the run's cancelled event already says (see the migration 20261123000400)."""
+        return bool(await self.call("record_cancelled_consumption", {"p_run_id": run.run_id, "p_consumed": consumed}))
+
     async def cancelled_runs(self, run_ids: list[uuid.UUID]) -> set[uuid.UUID]:
         rows = await self.call("cancelled_runs", {"p_run_ids": [str(r) for r in run_ids]}, rows=True)
         return {uuid.UUID(str(row["run_id"])) for row in rows}
