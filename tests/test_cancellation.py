@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
+from typing import Any
 
 import psycopg.errors
 import pytest
@@ -18,6 +21,7 @@ from tests.pipeline_helpers import (
     wait_until,
     worker_settings,
 )
+from worker.store import Completion, PostgresStore
 
 
 async def run_of(db_url: str, message) -> dict:
@@ -161,3 +165,89 @@ async def test_shutdown_past_its_grace_cancels_a_held_create_s_prediction_once_i
     [run] = await query(db_url, "select status, attempts, lease_owner from assistant_runs")
     assert run == {"status": "queued", "attempts": 0, "lease_owner": None}
     assert worker.counts["released"] == 1
+
+
+class CompletionHeldBack(PostgresStore):
+    """The worker's store, with its completions held until the test lets them go; a
+    finish_cancelled, if the worker makes one, goes to the database only after the completion
+    has (the order in which it would count twice)."""
+
+    let_go: asyncio.Event
+    held: asyncio.Event
+    flagged: asyncio.Event
+    completed: asyncio.Event
+
+    def hold(self) -> CompletionHeldBack:
+        self.let_go, self.held, self.flagged, self.completed = (asyncio.Event() for _ in range(4))
+        return self
+
+    async def complete(self, completion: Completion) -> uuid.UUID | None:
+        self.held.set()
+        await self.let_go.wait()
+        try:
+            return await super().complete(completion)
+        finally:
+            self.completed.set()
+
+    async def cancelled_runs(self, run_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        flagged = await super().cancelled_runs(run_ids)
+        if flagged:
+            self.flagged.set()
+        return flagged
+
+    async def finish_cancelled(self, run: Any, consumed: dict[str, Any] | None) -> None:
+        await self.completed.wait()
+        await super().finish_cancelled(run, consumed)
+
+
+async def test_a_request_cancelled_while_its_reply_is_being_written_is_counted_once(db_url, simulator) -> None:
+    """The prediction has succeeded and its reply is on its way to the database when the user
+    cancels. The worker lets the write through (complete_runs ends the run cancelled and counts
+    what the prediction consumed); it does not cancel the run as well, which counted it twice."""
+    user, thread = await new_user_thread(db_url)
+    store = (await CompletionHeldBack.connect(db_url)).hold()
+    try:
+        async with running_worker(worker_settings(simulator.base_url), db_url, store=store) as worker:
+            message = await say(db_url, user, thread, "answer, then be cancelled")
+            await wait_until(checking(store.held.is_set), what="the reply to be on its way")
+            [result] = await as_user(db_url, user, "select cancel_run(%s) as status", ((await run_of(db_url, message))["id"],))
+            assert result["status"] == "cancelling"
+            await wait_until(checking(store.flagged.is_set), what="the worker to see the cancellation")
+            store.let_go.set()
+            await wait_until(lambda: query(db_url, "select 1 from assistant_runs where status = 'cancelled'"),
+                             what="the run to end")
+            await wait_until(checking(lambda: not worker.inflight), what="the worker to be done with it")
+    finally:
+        await store.close()
+    [event] = await query(db_url, "select status, input_tokens, output_tokens from assistant_inference_events")
+    assert event["status"] == "cancelled" and event["output_tokens"] > 0
+    [tokens] = await query(db_url, "select used from ai_usage_counters where user_id = %s and metric = 'tokens'"
+                                   " and time_window = 'day'", (user,))
+    assert tokens["used"] == event["input_tokens"] + event["output_tokens"]
+    assert await query(db_url, "select * from assistant_messages where reply_to = %s", (message,)) == []
+    assert (worker.counts["ended_meanwhile"], worker.counts["cancelled"], worker.counts["completed"]) == (1, 0, 0)
+
+
+async def test_shutdown_past_its_grace_lets_a_reply_on_its_way_through(db_url, simulator, caplog) -> None:
+    """A reply being written when the grace period ends is written: the run is not given back
+    (which threw the paid answer away and asked the model again)."""
+    user, thread = await new_user_thread(db_url)
+    store = (await CompletionHeldBack.connect(db_url)).hold()
+    caplog.set_level("INFO", logger="worker.pipeline")
+    settings = worker_settings(simulator.base_url, worker_shutdown_grace_seconds=0)
+    try:
+        async with running_worker(settings, db_url, store=store) as worker:
+            message = await say(db_url, user, thread, "answer me as you stop")
+            await wait_until(checking(store.held.is_set), what="the reply to be on its way")
+            worker.stop()
+            await wait_until(checking(lambda: any(getattr(r, "event", None) == "worker.grace_over" for r in caplog.records)),
+                             what="the grace period to end")
+            [over] = [r for r in caplog.records if getattr(r, "event", None) == "worker.grace_over"]
+            assert (over.cancelled, over.replies_let_through) == (0, 1)
+            store.let_go.set()
+    finally:
+        await store.close()
+    [run] = await query(db_url, "select status, attempts from assistant_runs")
+    assert (run["status"], run["attempts"]) == ("completed", 1)
+    assert len(await query(db_url, "select * from assistant_messages where reply_to = %s", (message,))) == 1
+    assert (worker.counts["completed"], worker.counts["released"]) == (1, 0)

@@ -291,6 +291,30 @@ def test_a_cancelled_prediction_s_consumption_is_recorded_once(conn, owner, thre
     assert {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()} == after
 
 
+def test_finish_cancelled_counts_once_and_leaves_an_ended_run_alone(conn, owner, thread) -> None:
+    """finish_cancelled called again for the same run (a worker cancelled while its completion
+    was on its way, which complete_runs ended cancelled already), or for a run that completed,
+    records and counts nothing more."""
+    consumed = psycopg.types.json.Jsonb({"attempt": 1, "model": MODEL, "prediction_id": "pred-c", "input_tokens": 30,
+                                         "output_tokens": 3, "cost_usd": "0.00001"})
+    say(conn, owner, thread, "cancel me")
+    [cancelled] = claim(conn)
+    conn.execute("select finish_cancelled(%s, %s)", (cancelled["run_id"], consumed))
+    after_cancel = {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()}
+    assert after_cancel[("tokens", "day")] == 33
+    conn.execute("select finish_cancelled(%s, %s)", (cancelled["run_id"], consumed))
+    assert {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()} == after_cancel
+    say(conn, owner, thread, "answer me")
+    [answered] = claim(conn)
+    complete(conn, answered)
+    after_reply = {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()}
+    conn.execute("select finish_cancelled(%s, %s)", (answered["run_id"], consumed))
+    assert run_row(conn, answered["run_id"])["status"] == "completed"
+    assert {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()} == after_reply
+    events = conn.execute("select run_id, status from assistant_inference_events order by created_at").fetchall()
+    assert events == [(cancelled["run_id"], "cancelled"), (answered["run_id"], "succeeded")]
+
+
 @pytest.mark.parametrize("consumed", [None, {}, {"attempt": 1}, {"prediction_id": "p"}, [1]])
 def test_record_cancelled_consumption_says_what_it_needs(conn, owner, thread, consumed) -> None:
     say(conn, owner, thread)

@@ -72,6 +72,9 @@ class Worker:
         self.metrics = Metrics()
         self.publisher = publisher if settings.stream_replies else None
         self.cancelling: set[uuid.UUID] = set()
+        # Runs whose reply is on its way to the database: no longer cancelled by the worker
+        # (complete_runs ends a run cancelled meanwhile itself, and counts what it consumed once).
+        self.completing: set[uuid.UUID] = set()
         # Cancelled runs whose create was still on its way: what it consumed is recorded once it answers.
         self.recording: set[asyncio.Task[None]] = set()
         self._check_cancellations = asyncio.Event()
@@ -197,7 +200,7 @@ class Worker:
                 continue
             for run_id in flagged:
                 task = self.inflight.get(run_id)
-                if task is not None and run_id not in self.cancelling:
+                if task is not None and run_id not in self.cancelling and run_id not in self.completing:
                     self.cancelling.add(run_id)
                     task.cancel()
 
@@ -246,9 +249,13 @@ class Worker:
         if pending:
             log.info("draining", extra={"event": "worker.draining", "in_flight": len(pending)})
             _, still_running = await asyncio.wait(pending, timeout=self.settings.worker_shutdown_grace_seconds)
-            for task in still_running:
+            completing = {self.inflight.get(run_id) for run_id in self.completing}
+            cancelled = [task for task in still_running if task not in completing]
+            for task in cancelled:  # a reply on its way to the database is let through
                 task.cancel()
             if still_running:
+                log.info("grace period over", extra={"event": "worker.grace_over", "cancelled": len(cancelled),
+                                                     "replies_let_through": len(still_running) - len(cancelled)})
                 await asyncio.wait(still_running, timeout=10)
         settling = [*self.provider.settling, *self.recording]
         if settling:
@@ -414,11 +421,22 @@ class Worker:
         if prediction.predict_time is not None:
             metadata["predict_time"] = prediction.predict_time
         cost = estimate_cost(request.model, input_tokens, output_tokens, prediction.predict_time)
-        await self.completions.submit(Completion(
-            run, content=reply.content, model=request.model.slug, prediction_id=prediction.id,
-            input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost,
-            latency_ms=prediction.latency_ms, metadata=metadata, follow_ups=reply.follow_ups, actions=reply.actions,
-            time_to_first_token_ms=prediction.time_to_first_token_ms))
+        self.completing.add(run.run_id)
+        try:
+            reply_id = await self.completions.submit(Completion(
+                run, content=reply.content, model=request.model.slug, prediction_id=prediction.id,
+                input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost,
+                latency_ms=prediction.latency_ms, metadata=metadata, follow_ups=reply.follow_ups, actions=reply.actions,
+                time_to_first_token_ms=prediction.time_to_first_token_ms))
+        finally:
+            self.completing.discard(run.run_id)
+        if reply_id is None:
+            # The run ended without this reply: cancelled by its user meanwhile (complete_runs
+            # ended it so and counted what the prediction consumed), or ended by the claim.
+            self.counts["ended_meanwhile"] += 1
+            log.info("run ended before its reply was written", extra={
+                "event": "run.ended_meanwhile", "run_id": str(run.run_id), "prediction_id": prediction.id})
+            return
         self.counts["completed"] += 1
         self.metrics.completed.labels(request.model.slug).inc()
         self.metrics.provider_latency.labels(request.model.slug).observe(prediction.latency_ms / 1000)

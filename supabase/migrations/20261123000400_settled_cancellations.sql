@@ -1,11 +1,56 @@
--- A run cancelled while its prediction's create was still on its way to Replicate (held by
--- `Prefer: wait`, or not yet answered) ends at once, with a cancelled event that names the model
--- but no prediction: the worker does not know its id yet. When the create answers, the worker
--- cancels the prediction at Replicate and records here what it consumed, so a request cancelled
--- mid-create is charged like any other cancelled request (no free tokens by cancelling early).
+-- Cancellations, counted once.
 --
--- Fills the cancelled event of that attempt once: a second call for the same attempt, or a call
--- for an attempt whose event already names a prediction, changes nothing and answers false.
+-- 1. finish_cancelled ends an open run only, and counts what was consumed only with the event it
+--    records. Before, a second call for the same run (a worker cancelled while its completion
+--    was on its way: complete_runs had ended the run cancelled and counted already) counted the
+--    tokens and cost again, and a call for a run that had completed turned it cancelled.
+--
+-- 2. A run cancelled while its prediction's create was still on its way to Replicate (held by
+--    `Prefer: wait`, or not yet answered) ends at once, with a cancelled event that names the model
+--    but no prediction: the worker does not know its id yet. When the create answers, the worker
+--    cancels the prediction at Replicate and records here what it consumed, so a request cancelled
+--    mid-create is charged like any other cancelled request (no free tokens by cancelling early).
+--
+--    Fills the cancelled event of that attempt once: a second call for the same attempt, or a call
+--    for an attempt whose event already names a prediction, changes nothing and answers false.
+
+create or replace function public.finish_cancelled(p_run_id uuid, p_consumed jsonb) returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  run public.assistant_runs;
+  consumed jsonb := coalesce(p_consumed, '{}'::jsonb);
+  recorded integer;
+begin
+  select * into run from public.assistant_runs where id = p_run_id for update;
+  if not found or run.status not in ('queued', 'in_progress') then
+    return;  -- ended already (cancelled, completed, failed): what it consumed was counted then
+  end if;
+  insert into public.assistant_inference_events
+    (user_id, thread_id, message_id, run_id, attempt, provider, model, prediction_id, status, latency_ms,
+     input_tokens, output_tokens, cost_estimate_usd, error_code)
+  values
+    (run.user_id, run.thread_id, run.message_id, run.id, coalesce((consumed ->> 'attempt')::integer, greatest(run.attempts, 1)),
+     coalesce(consumed ->> 'provider', 'replicate'), coalesce(consumed ->> 'model', 'not_started'),
+     consumed ->> 'prediction_id', 'cancelled', (consumed ->> 'latency_ms')::integer,
+     (consumed ->> 'input_tokens')::integer, (consumed ->> 'output_tokens')::integer,
+     (consumed ->> 'cost_usd')::numeric, 'cancelled')
+  on conflict (run_id, attempt) where run_id is not null do nothing;
+  get diagnostics recorded = row_count;
+  if recorded > 0 and (coalesce((consumed ->> 'input_tokens')::integer, 0) + coalesce((consumed ->> 'output_tokens')::integer, 0) > 0
+     or coalesce((consumed ->> 'cost_usd')::numeric, 0) > 0) then
+    perform public.ai_usage_add(run.user_id, jsonb_build_object(
+      'tokens', coalesce((consumed ->> 'input_tokens')::integer, 0) + coalesce((consumed ->> 'output_tokens')::integer, 0),
+      'cost_usd', coalesce((consumed ->> 'cost_usd')::numeric, 0)));
+  end if;
+  update public.assistant_runs
+     set status = 'cancelled', lease_owner = null, lease_expires_at = null, finished_at = now(),
+         last_error_code = 'cancelled', last_error = 'cancelled by the user'
+   where id = p_run_id;
+end
+$$;
+
 create function public.record_cancelled_consumption(p_run_id uuid, p_consumed jsonb) returns boolean
 language plpgsql
 set search_path = ''
