@@ -32,7 +32,7 @@ HEALTHCHECK --interval=30s --timeout=5s \
   CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:9108/healthz', timeout=3)"]
 # SIGTERM: stop claiming, finish work in flight within WORKER_SHUTDOWN_GRACE_SECONDS (default 30);
 # give docker/k8s a longer stop timeout than that (e.g. `docker stop -t 45`); with
-# STREAM_REPLIES=false, 90 s more (held creates are waited for, to cancel their predictions).
+# STREAM_REPLIES=false, 125 s more (held creates are waited for, to cancel their predictions).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "worker"]
 CMD ["run"]

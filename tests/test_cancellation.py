@@ -72,8 +72,13 @@ async def test_cancelling_during_the_prediction_cancels_it_at_replicate(db_url, 
     [prediction] = simulator.predictions.values()
     assert prediction.canceled_at is not None
     assert await query(db_url, "select * from assistant_messages where reply_to = %s", (message,)) == []
-    [event] = await query(db_url, "select status, prediction_id, model from assistant_inference_events")
-    assert event == {"status": "cancelled", "prediction_id": prediction.id, "model": "meta/meta-llama-3-8b-instruct"}
+    [event] = await query(db_url, "select status, prediction_id, model, input_tokens, output_tokens"
+                                  " from assistant_inference_events")
+    # No token counts come back for a canceled prediction: its prompt is estimated, nothing was
+    # streamed of its reply.
+    assert event["input_tokens"] > 0 and event["output_tokens"] == 0
+    assert {k: event[k] for k in ("status", "prediction_id", "model")} == {
+        "status": "cancelled", "prediction_id": prediction.id, "model": "meta/meta-llama-3-8b-instruct"}
     assert (await run_of(db_url, message))["lease_owner"] is None
 
 
@@ -104,8 +109,9 @@ async def test_a_request_cancelled_during_its_held_create_is_charged_and_its_pre
         db_url, simulator, ending: str) -> None:
     """Cancelled while the create is held by Prefer: wait, the run ends at once; the worker
     lets the create answer, cancels the prediction at Replicate if it is still running, and
-    records what it consumed on the run's event and the user's usage: cancelling early gives
-    no free tokens, and no prediction runs on unknown."""
+    records what it consumed (or, for a prediction cancelled still running, an estimate of its
+    prompt) on the run's event and the user's usage: cancelling early gives no free tokens, and
+    no prediction runs on unknown."""
     simulator.latency = 600.0  # ended, or let go, by hand
     user, thread = await new_user_thread(db_url)
     settings = worker_settings(simulator.base_url, replicate_prefer_wait_seconds=60)
@@ -141,7 +147,10 @@ async def test_a_request_cancelled_during_its_held_create_is_charged_and_its_pre
             "assistant_cost_usd_total", {"model": "meta/meta-llama-3-8b-instruct"}) == float(event["cost_estimate_usd"])
     else:
         assert prediction.canceled_at is not None and len(cancels) == 1
-        assert event["output_tokens"] is None and counters in ([], [{"used": 0}])
+        # Replicate reports no token counts for a canceled prediction: the prompt it read is
+        # estimated (nothing was streamed of its reply), so cancelling is no way around a budget.
+        assert event["output_tokens"] == 0 and event["input_tokens"] > 0
+        assert counters == [{"used": event["input_tokens"]}]
     assert await query(db_url, "select * from assistant_messages where reply_to = %s", (message,)) == []
     assert worker.counts["cancelled"] == 1
 
@@ -226,6 +235,9 @@ async def test_a_request_cancelled_while_its_reply_is_being_written_is_counted_o
     assert tokens["used"] == event["input_tokens"] + event["output_tokens"]
     assert await query(db_url, "select * from assistant_messages where reply_to = %s", (message,)) == []
     assert (worker.counts["ended_meanwhile"], worker.counts["cancelled"], worker.counts["completed"]) == (1, 0, 0)
+    [cost] = await query(db_url, "select cost_estimate_usd from assistant_inference_events")
+    assert worker.metrics.registry.get_sample_value(
+        "assistant_cost_usd_total", {"model": "meta/meta-llama-3-8b-instruct"}) == float(cost["cost_estimate_usd"])
 
 
 async def test_shutdown_past_its_grace_lets_a_reply_on_its_way_through(db_url, simulator, caplog) -> None:
@@ -251,3 +263,48 @@ async def test_shutdown_past_its_grace_lets_a_reply_on_its_way_through(db_url, s
     assert (run["status"], run["attempts"]) == ("completed", 1)
     assert len(await query(db_url, "select * from assistant_messages where reply_to = %s", (message,))) == 1
     assert (worker.counts["completed"], worker.counts["released"]) == (1, 0)
+
+
+class FinishHeldBack(PostgresStore):
+    """The worker's store, with the end of a cancelled run held until the test lets it go."""
+
+    let_go: asyncio.Event
+    held: asyncio.Event
+
+    def hold(self) -> FinishHeldBack:
+        self.let_go, self.held = asyncio.Event(), asyncio.Event()
+        return self
+
+    async def finish_cancelled(self, run: Any, consumed: dict[str, Any] | None) -> None:
+        self.held.set()
+        await self.let_go.wait()
+        await super().finish_cancelled(run, consumed)
+
+
+async def test_a_cancellation_being_recorded_survives_shutdown(db_url, simulator, caplog) -> None:
+    """Shutdown past its grace period comes while a cancelled run's end is being written and its
+    held create has not answered: the worker still ends the run, waits for the create, cancels
+    the prediction and records it before it exits."""
+    simulator.latency = 600.0
+    user, thread = await new_user_thread(db_url)
+    store = (await FinishHeldBack.connect(db_url)).hold()
+    caplog.set_level("INFO", logger="worker.pipeline")
+    settings = worker_settings(simulator.base_url, replicate_prefer_wait_seconds=60, worker_shutdown_grace_seconds=0)
+    logged = lambda event: any(getattr(r, "event", None) == event for r in caplog.records)  # noqa: E731
+    try:
+        async with running_worker(settings, db_url, store=store) as worker:
+            message, prediction = await held_create(db_url, simulator, user, thread, "cancel, then stop")
+            await as_user(db_url, user, "select cancel_run(%s)", ((await run_of(db_url, message))["id"],))
+            await wait_until(checking(store.held.is_set), what="the cancellation to be on its way")
+            worker.stop()
+            await wait_until(checking(lambda: logged("worker.settling")), what="the worker to wait for what is left")
+            store.let_go.set()
+            await wait_until(lambda: query(db_url, "select 1 from assistant_runs where status = 'cancelled'"),
+                             what="the run to end")
+            prediction.answer_now.set()  # the held create answers, the prediction still running
+    finally:
+        await store.close()
+    assert prediction.canceled_at is not None
+    [event] = await query(db_url, "select status, prediction_id, input_tokens from assistant_inference_events")
+    assert (event["status"], event["prediction_id"]) == ("cancelled", prediction.id) and event["input_tokens"] > 0
+    assert worker.counts["cancelled"] == 1 and not logged("worker.settle_abandoned")

@@ -292,9 +292,10 @@ def test_a_cancelled_prediction_s_consumption_is_recorded_once(conn, owner, thre
 
 
 def test_finish_cancelled_counts_once_and_leaves_an_ended_run_alone(conn, owner, thread) -> None:
-    """finish_cancelled called again for the same run (a worker cancelled while its completion
-    was on its way, which complete_runs ended cancelled already), or for a run that completed,
-    records and counts nothing more."""
+    """finish_cancelled called again for the same attempt (a worker cancelled while its
+    completion was on its way, which complete_runs ended cancelled already), or for the attempt
+    that completed the run, records and counts nothing more; another attempt's prediction (a
+    worker whose run was taken over) is recorded and counted, and the run stays as it ended."""
     consumed = psycopg.types.json.Jsonb({"attempt": 1, "model": MODEL, "prediction_id": "pred-c", "input_tokens": 30,
                                          "output_tokens": 3, "cost_usd": "0.00001"})
     say(conn, owner, thread, "cancel me")
@@ -311,8 +312,15 @@ def test_finish_cancelled_counts_once_and_leaves_an_ended_run_alone(conn, owner,
     conn.execute("select finish_cancelled(%s, %s)", (answered["run_id"], consumed))
     assert run_row(conn, answered["run_id"])["status"] == "completed"
     assert {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()} == after_reply
-    events = conn.execute("select run_id, status from assistant_inference_events order by created_at").fetchall()
-    assert events == [(cancelled["run_id"], "cancelled"), (answered["run_id"], "succeeded")]
+    events = conn.execute("select run_id, attempt, status from assistant_inference_events order by created_at").fetchall()
+    assert events == [(cancelled["run_id"], 1, "cancelled"), (answered["run_id"], 1, "succeeded")]
+    earlier = psycopg.types.json.Jsonb({"attempt": 2, "model": MODEL, "prediction_id": "pred-2", "output_tokens": 7})
+    conn.execute("select finish_cancelled(%s, %s)", (answered["run_id"], earlier))
+    assert run_row(conn, answered["run_id"])["status"] == "completed"
+    counted = {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()}
+    assert counted[("tokens", "day")] == after_reply[("tokens", "day")] + 7
+    assert conn.execute("select status, prediction_id from assistant_inference_events where run_id = %s and attempt = 2",
+                        (answered["run_id"],)).fetchone() == ("cancelled", "pred-2")
 
 
 @pytest.mark.parametrize("consumed", [None, {}, {"attempt": 1}, {"prediction_id": "p"}, [1]])

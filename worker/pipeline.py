@@ -259,8 +259,9 @@ class Worker:
                 await asyncio.wait(still_running, timeout=10)
         settling = [*self.provider.settling, *self.recording]
         if settling:
-            # A create held by Prefer: wait answers within the wait; then its read timeout ends it.
-            bound = self.settings.replicate_prefer_wait_seconds + self.settings.replicate_timeout_seconds
+            # A create held by Prefer: wait answers within the wait, else its read timeout ends it;
+            # then the cancel at Replicate (its own timeout) and the record in the database.
+            bound = self.settings.replicate_prefer_wait_seconds + 2 * self.settings.replicate_timeout_seconds + 5
             log.info("waiting for creates on their way, to cancel their predictions",
                      extra={"event": "worker.settling", "creates": len(settling)})
             _, left = await asyncio.wait(settling, timeout=bound)
@@ -306,22 +307,15 @@ class Worker:
             log.info("run gone", extra={"event": "run.gone", "run_id": str(run.run_id)})
         except asyncio.CancelledError:
             if run.run_id in self.cancelling:
-                # The user cancelled: the prediction was cancelled at Replicate by the provider;
-                # record what it consumed. No reply.
+                # The user cancelled: the prediction was cancelled at Replicate by the provider (or
+                # will be, once its create answers). No reply. One task records it all, so that a
+                # second cancellation (shutdown) cannot cut it short; shutdown waits for it.
                 self.cancelling.discard(run.run_id)
-                consumed = self._consumed(run, request, handle)
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.store.finish_cancelled(run, consumed))
-                if handle.settling is not None and request is not None:
-                    recording = asyncio.create_task(self._record_settled(run, request, handle))
-                    self.recording.add(recording)
-                    recording.add_done_callback(self.recording.discard)
-                self.counts["cancelled"] += 1
-                self.metrics.cancelled.inc()
-                if consumed and consumed["cost_usd"] is not None:
-                    self.metrics.cost.labels(consumed["model"]).inc(consumed["cost_usd"])
-                log.info("run cancelled", extra={"event": "run.cancelled", "run_id": str(run.run_id),
-                                                 "prediction_id": handle.prediction_id})
+                ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                recording = asyncio.create_task(self._finish_cancelled(run, request, handle, ended))
+                self.recording.add(recording)
+                recording.add_done_callback(self.recording.discard)
+                await asyncio.shield(ended)  # the run has ended: its slot is free
                 return
             # Shutdown past the grace period: give the run back untouched (the prediction was
             # cancelled at Replicate by the provider, or will be once its create answers).
@@ -344,30 +338,57 @@ class Worker:
         if request is None or (handle.prediction_id is None and handle.settling is None):
             return None
         metrics = handle.last.get("metrics")
-        used = Prediction(handle.prediction_id, "", metrics if isinstance(metrics, dict) else {})
-        cost = estimate_cost(request.model, used.input_tokens, used.output_tokens, used.predict_time)
+        used = Prediction(handle.prediction_id or "", "", metrics if isinstance(metrics, dict) else {})
+        input_tokens, output_tokens = used.input_tokens, used.output_tokens
+        if handle.prediction_id is not None and handle.last.get("started_at"):
+            # A canceled prediction comes back without token counts; one that started had read
+            # its prompt and written what was streamed of its reply: estimated, as for a reply
+            # without counts, so that cancelling is no way around a token budget.
+            input_tokens = request.prompt_tokens_estimate if input_tokens is None else input_tokens
+            output_tokens = (estimate_tokens(handle.streamed) if handle.streamed else 0) \
+                if output_tokens is None else output_tokens
+        cost = estimate_cost(request.model, input_tokens, output_tokens, used.predict_time)
         return {"attempt": run.attempt, "model": request.model.slug, "prediction_id": handle.prediction_id,
-                "input_tokens": used.input_tokens, "output_tokens": used.output_tokens,
+                "input_tokens": input_tokens, "output_tokens": output_tokens,
                 "cost_usd": float(cost) if cost is not None else None}
 
-    async def _record_settled(self, run: ClaimedRun, request: ModelRequest, handle: PredictionHandle) -> None:
-        """A run cancelled while its create was on its way: once the create has answered and the
-        prediction is cancelled, what it consumed goes on the run's cancelled event and the
-        user's usage (record_cancelled_consumption, once)."""
-        assert handle.settling is not None
-        await handle.settling
+    async def _finish_cancelled(self, run: ClaimedRun, request: ModelRequest | None, handle: PredictionHandle,
+                                ended: asyncio.Future[None]) -> None:
+        """Ends a run its user cancelled, with what its prediction consumed; `ended` is set then.
+        A prediction whose create was still on its way when the run was cancelled is recorded
+        once the create has answered and the prediction is cancelled: on the run's cancelled
+        event and the user's usage (record_cancelled_consumption, once)."""
         consumed = self._consumed(run, request, handle)
-        if consumed is None or consumed["prediction_id"] is None:
-            return  # the create failed: nothing was started, or nothing can be found
         try:
-            recorded = await self._store_call(lambda: self.store.record_cancelled_consumption(run, consumed))
+            await self._store_call(lambda: self.store.finish_cancelled(run, consumed))
+        except Exception as exc:  # the claim ends it cancelled once its lease has run out
+            log.warning("ending a cancelled run failed", extra={"event": "run.cancel_record_failed",
+                                                                "run_id": str(run.run_id), "error": str(exc)[:200]})
+        finally:
+            if not ended.done():
+                ended.set_result(None)
+        self.counts["cancelled"] += 1
+        self.metrics.cancelled.inc()
+        if consumed and consumed["cost_usd"] is not None:
+            self.metrics.cost.labels(consumed["model"]).inc(consumed["cost_usd"])
+        log.info("run cancelled", extra={"event": "run.cancelled", "run_id": str(run.run_id),
+                                         "prediction_id": handle.prediction_id})
+        if handle.settling is None or consumed is None or consumed["prediction_id"] is not None:
+            return  # recorded with the end, or nothing was asked of Replicate
+        late: dict[str, Any] | None = None
+        try:
+            await handle.settling
+            late = self._consumed(run, request, handle)
+            if late is None or late["prediction_id"] is None:
+                return  # the create failed: nothing was started, or nothing can be found
+            recorded = await self._store_call(lambda: self.store.record_cancelled_consumption(run, late))
         except Exception as exc:
             log.warning("recording a cancelled prediction failed", extra={
                 "event": "run.cancel_record_failed", "run_id": str(run.run_id),
-                "prediction_id": consumed["prediction_id"], "error": str(exc)[:200]})
+                "prediction_id": late and late["prediction_id"], "error": str(exc)[:200]})
             return
-        if recorded and consumed["cost_usd"] is not None:
-            self.metrics.cost.labels(consumed["model"]).inc(consumed["cost_usd"])
+        if recorded and late["cost_usd"] is not None:
+            self.metrics.cost.labels(late["model"]).inc(late["cost_usd"])
 
     async def _knowledge(self, run: ClaimedRun, assistant: Assistant) -> tuple[list[KnowledgeChunk], str | None]:
         """Retrieved chunks for an assistant with a knowledge base. A failed retrieval does not
@@ -430,6 +451,8 @@ class Worker:
                 time_to_first_token_ms=prediction.time_to_first_token_ms))
         finally:
             self.completing.discard(run.run_id)
+        if cost is not None:  # paid for either way
+            self.metrics.cost.labels(request.model.slug).inc(float(cost))
         if reply_id is None:
             # The run ended without this reply: cancelled by its user meanwhile (complete_runs
             # ended it so and counted what the prediction consumed), or ended by the claim.
@@ -442,8 +465,6 @@ class Worker:
         self.metrics.provider_latency.labels(request.model.slug).observe(prediction.latency_ms / 1000)
         if prediction.time_to_first_token_ms is not None:
             self.metrics.time_to_first_token.labels(request.model.slug).observe(prediction.time_to_first_token_ms / 1000)
-        if cost is not None:
-            self.metrics.cost.labels(request.model.slug).inc(float(cost))
         log.info("run completed", extra={"event": "run.completed", "run_id": str(run.run_id),
                                          "message_id": str(run.message_id), "attempt": run.attempt,
                                          "model": request.model.slug, "latency_ms": prediction.latency_ms,

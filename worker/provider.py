@@ -90,6 +90,7 @@ class PredictionHandle:
     last: dict[str, Any] = field(default_factory=dict)
     time_to_first_token_ms: int | None = None
     read_failures: int = 0  # reads of the prediction that failed and were tried again
+    streamed: str = ""  # the text streamed so far
     # True while a create request is on its way to Replicate (sent, no answer yet).
     create_in_flight: bool = False
     # Set when the caller was cancelled during that create: it ends in the background, then the
@@ -383,6 +384,7 @@ class ReplicateClient:
                             if handle.time_to_first_token_ms is None:
                                 handle.time_to_first_token_ms = int((time.monotonic() - started) * 1000)
                             text += data
+                            handle.streamed = text
                             await on_text(text)
                         elif event == "error":
                             log.warning("prediction stream reported an error",
@@ -484,11 +486,16 @@ class ReplicateClient:
         async def settle() -> None:
             try:
                 prediction = await create
-            except (ProviderError, asyncio.CancelledError):
+            except (Exception, asyncio.CancelledError):  # a ProviderError, or the session closed
                 return
             handle.prediction_id, handle.last = prediction["id"], prediction
             if prediction["status"] not in TERMINAL:
-                handle.last = await self.cancel(prediction["id"], token) or prediction
+                try:
+                    handle.last = await self.cancel(prediction["id"], token) or prediction
+                except Exception as exc:  # cancel() answers {} for Replicate's errors; this is the session's
+                    log.warning("cancelling a settled prediction failed", extra={
+                        "event": "prediction.cancel_failed", "prediction_id": prediction["id"], "error": repr(exc)[:200]})
+                    return
             log.info("the create of a cancelled prediction answered; cancelled it at Replicate",
                      extra={"event": "prediction.settled", "prediction_id": prediction["id"],
                             "status": handle.last.get("status")})
@@ -497,14 +504,6 @@ class ReplicateClient:
         self.settling.add(task)
         task.add_done_callback(self.settling.discard)
         return task
-
-    async def settle(self, timeout: float) -> int:
-        """Waits up to `timeout` for the creates of cancelled callers to answer and their
-        predictions to be cancelled; the number still waiting (before shutting down)."""
-        if self.settling:
-            _, pending = await asyncio.wait(set(self.settling), timeout=timeout)
-            return len(pending)
-        return 0
 
     async def predict(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None, *,
                       on_text: OnText | None = None, handle: PredictionHandle | None = None) -> Prediction:

@@ -1,9 +1,11 @@
 -- Cancellations, counted once.
 --
--- 1. finish_cancelled ends an open run only, and counts what was consumed only with the event it
---    records. Before, a second call for the same run (a worker cancelled while its completion
---    was on its way: complete_runs had ended the run cancelled and counted already) counted the
---    tokens and cost again, and a call for a run that had completed turned it cancelled.
+-- 1. finish_cancelled counts what was consumed only with the event it records (one per run and
+--    attempt), and ends only an open run. Before, a second call for the same attempt (a worker
+--    cancelled while its completion was on its way: complete_runs had ended the run cancelled and
+--    counted already) counted the tokens and cost again, and a call for a run that had completed
+--    turned it cancelled. Another attempt's call (a worker whose lease had run out, its run taken
+--    over and ended meanwhile) still records and counts what its own prediction consumed.
 --
 -- 2. A run cancelled while its prediction's create was still on its way to Replicate (held by
 --    `Prefer: wait`, or not yet answered) ends at once, with a cancelled event that names the model
@@ -24,8 +26,8 @@ declare
   recorded integer;
 begin
   select * into run from public.assistant_runs where id = p_run_id for update;
-  if not found or run.status not in ('queued', 'in_progress') then
-    return;  -- ended already (cancelled, completed, failed): what it consumed was counted then
+  if not found then
+    return;
   end if;
   insert into public.assistant_inference_events
     (user_id, thread_id, message_id, run_id, attempt, provider, model, prediction_id, status, latency_ms,
@@ -47,7 +49,7 @@ begin
   update public.assistant_runs
      set status = 'cancelled', lease_owner = null, lease_expires_at = null, finished_at = now(),
          last_error_code = 'cancelled', last_error = 'cancelled by the user'
-   where id = p_run_id;
+   where id = p_run_id and status in ('queued', 'in_progress');  -- an ended run stays as it ended
 end
 $$;
 
