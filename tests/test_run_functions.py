@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from decimal import Decimal
 import uuid
 
@@ -453,6 +454,54 @@ def test_complete_runs_writes_what_complete_run_writes_for_each_run(conn, owner,
     assert complete_batch(conn, [batch_item(r, "again") for r in runs]) == replies
     assert conn.execute("select count(*) from assistant_messages where role = 'assistant'").fetchone()[0] == 2
     assert {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()} == used
+
+
+def waiting_for_a_lock(conn: psycopg.Connection, pid: int, timeout: float = 10.0) -> None:
+    """Until the backend `pid` waits for a lock (polled: the wait is the other session's)."""
+    deadline = time.monotonic() + timeout
+    while conn.execute("select wait_event_type from pg_stat_activity where pid = %s", (pid,)).fetchone()[0] != "Lock":
+        assert time.monotonic() < deadline, "the batch never waited for the usage rows"
+        time.sleep(0.01)
+
+
+def test_complete_runs_locks_usage_in_user_order_with_runs_cancelled_meanwhile(db_url: str, conn) -> None:
+    """A batch with a completed run of one user and a run of a later user cancelled meanwhile
+    takes the usage rows in user order, like any other batch. Before, it counted the cancelled
+    run first: against a batch that held the first user's usage and wanted the second's, a
+    deadlock (PostgreSQL then fails one of them)."""
+    first, second = sorted([create_user(conn, email="first@example.com"), create_user(conn, email="second@example.com")])
+    threads = {u: conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (u,)).fetchone()[0]
+               for u in (first, second)}
+    for user in (first, second):
+        say(conn, user, threads[user], "hello")
+    runs = {r["user_id"]: r for r in claim(conn)}
+    conn.execute("update assistant_runs set cancel_requested_at = now() where id = %s", (runs[second]["run_id"],))
+    outcome: dict[str, object] = {}
+    with psycopg.connect(db_url, autocommit=True) as batch, psycopg.connect(db_url) as other:
+        other.execute("select ai_usage_add(%s, '{\"tokens\": 1}')", (first,))  # holds the first user's usage
+        pid = batch.info.backend_pid
+
+        def complete_the_batch() -> None:
+            try:
+                outcome["replies"] = complete_batch(batch, [batch_item(runs[first]), batch_item(runs[second])])
+            except psycopg.Error as exc:
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=complete_the_batch)
+        worker.start()
+        try:
+            waiting_for_a_lock(conn, pid)
+            other.execute("select ai_usage_add(%s, '{\"tokens\": 1}')", (second,))  # then wants the second's
+            other.commit()
+        finally:
+            worker.join(timeout=30)
+    assert "error" not in outcome, outcome
+    replies = outcome["replies"]
+    assert replies[runs[second]["run_id"]] is None and replies[runs[first]["run_id"]] is not None
+    assert run_row(conn, runs[second]["run_id"])["status"] == "cancelled"
+    tokens = dict(conn.execute("select user_id, used from ai_usage_counters where metric = 'tokens'"
+                               " and time_window = 'day'").fetchall())
+    assert tokens == {first: 15 + 1, second: 15 + 1}
 
 
 def test_complete_runs_completes_a_run_named_twice_once(conn, owner, thread) -> None:
