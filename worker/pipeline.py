@@ -41,6 +41,15 @@ T = TypeVar("T")
 COMPLETE_BATCH = 50  # replies per complete_runs call
 
 
+def partial_text(output: Any) -> str:
+    """The text of a prediction's output so far (a string, or a list of strings), else ''."""
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list):
+        return "".join(item for item in output if isinstance(item, str))
+    return ""
+
+
 class Wakeups(Protocol):
     live: bool
 
@@ -236,6 +245,7 @@ class Worker:
 
         def done(_: asyncio.Task[None]) -> None:
             self.inflight.pop(run.run_id, None)
+            self.cancelling.discard(run.run_id)  # not before: the watcher would cancel it again
             self.metrics.in_flight.set(len(self.inflight))
             if self._backlog:
                 self._wake.set()  # a slot is free and runs may be waiting for one
@@ -310,7 +320,6 @@ class Worker:
                 # The user cancelled: the prediction was cancelled at Replicate by the provider (or
                 # will be, once its create answers). No reply. One task records it all, so that a
                 # second cancellation (shutdown) cannot cut it short; shutdown waits for it.
-                self.cancelling.discard(run.run_id)
                 ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 recording = asyncio.create_task(self._finish_cancelled(run, request, handle, ended))
                 self.recording.add(recording)
@@ -332,25 +341,33 @@ class Worker:
         finally:
             lease.cancel()
 
-    def _consumed(self, run: ClaimedRun, request: ModelRequest | None, handle: PredictionHandle) -> dict[str, Any] | None:
-        """What a cancelled prediction used, from the state Replicate last reported. None when no
-        prediction was asked for; no prediction id yet while its create is on its way."""
+    def _consumed(self, run: ClaimedRun, request: ModelRequest | None, handle: PredictionHandle, *,
+                  settled: bool = True) -> dict[str, Any]:
+        """What a cancelled attempt consumed, from the state Replicate last reported: the model
+        `not_started` when nothing was asked of Replicate; no prediction yet (id, counts) while
+        its create is on its way or, `settled` false, its cancellation has not answered."""
+        consumed: dict[str, Any] = {"attempt": run.attempt, "model": "not_started", "prediction_id": None,
+                                    "input_tokens": None, "output_tokens": None, "cost_usd": None}
         if request is None or (handle.prediction_id is None and handle.settling is None):
-            return None
-        metrics = handle.last.get("metrics")
-        used = Prediction(handle.prediction_id or "", "", metrics if isinstance(metrics, dict) else {})
+            return consumed
+        consumed["model"] = request.model.slug
+        if handle.prediction_id is None or not settled:
+            return consumed
+        last = handle.last
+        metrics = last.get("metrics")
+        used = Prediction(handle.prediction_id, "", metrics if isinstance(metrics, dict) else {})
         input_tokens, output_tokens = used.input_tokens, used.output_tokens
-        if handle.prediction_id is not None and handle.last.get("started_at"):
+        written = handle.streamed or partial_text(last.get("output"))
+        if bool(last.get("started_at")) or bool(written) or last.get("status") in ("processing", "succeeded"):
             # A canceled prediction comes back without token counts; one that started had read
-            # its prompt and written what was streamed of its reply: estimated, as for a reply
-            # without counts, so that cancelling is no way around a token budget.
+            # its prompt and written part of its reply: estimated, as for a reply without
+            # counts, so that cancelling is no way around a token budget.
             input_tokens = request.prompt_tokens_estimate if input_tokens is None else input_tokens
-            output_tokens = (estimate_tokens(handle.streamed) if handle.streamed else 0) \
-                if output_tokens is None else output_tokens
+            output_tokens = (estimate_tokens(written) if written else 0) if output_tokens is None else output_tokens
         cost = estimate_cost(request.model, input_tokens, output_tokens, used.predict_time)
-        return {"attempt": run.attempt, "model": request.model.slug, "prediction_id": handle.prediction_id,
-                "input_tokens": input_tokens, "output_tokens": output_tokens,
-                "cost_usd": float(cost) if cost is not None else None}
+        consumed.update(prediction_id=handle.prediction_id, input_tokens=input_tokens, output_tokens=output_tokens,
+                        cost_usd=float(cost) if cost is not None else None)
+        return consumed
 
     async def _finish_cancelled(self, run: ClaimedRun, request: ModelRequest | None, handle: PredictionHandle,
                                 ended: asyncio.Future[None]) -> None:
@@ -358,7 +375,10 @@ class Worker:
         A prediction whose create was still on its way when the run was cancelled is recorded
         once the create has answered and the prediction is cancelled: on the run's cancelled
         event and the user's usage (record_cancelled_consumption, once)."""
-        consumed = self._consumed(run, request, handle)
+        # While the create or the cancel of its prediction is still on its way, the prediction is
+        # recorded once they have answered (below).
+        consumed = self._consumed(run, request, handle,
+                                  settled=handle.settling is None or handle.settling.done())
         try:
             await self._store_call(lambda: self.store.finish_cancelled(run, consumed))
         except Exception as exc:  # the claim ends it cancelled once its lease has run out
@@ -369,23 +389,23 @@ class Worker:
                 ended.set_result(None)
         self.counts["cancelled"] += 1
         self.metrics.cancelled.inc()
-        if consumed and consumed["cost_usd"] is not None:
+        if consumed["cost_usd"] is not None:
             self.metrics.cost.labels(consumed["model"]).inc(consumed["cost_usd"])
         log.info("run cancelled", extra={"event": "run.cancelled", "run_id": str(run.run_id),
                                          "prediction_id": handle.prediction_id})
-        if handle.settling is None or consumed is None or consumed["prediction_id"] is not None:
+        if handle.settling is None or consumed["prediction_id"] is not None:
             return  # recorded with the end, or nothing was asked of Replicate
-        late: dict[str, Any] | None = None
+        late: dict[str, Any] = {"prediction_id": None}
         try:
             await handle.settling
             late = self._consumed(run, request, handle)
-            if late is None or late["prediction_id"] is None:
+            if late["prediction_id"] is None:
                 return  # the create failed: nothing was started, or nothing can be found
             recorded = await self._store_call(lambda: self.store.record_cancelled_consumption(run, late))
         except Exception as exc:
             log.warning("recording a cancelled prediction failed", extra={
                 "event": "run.cancel_record_failed", "run_id": str(run.run_id),
-                "prediction_id": late and late["prediction_id"], "error": str(exc)[:200]})
+                "prediction_id": late["prediction_id"], "error": str(exc)[:200]})
             return
         if recorded and late["cost_usd"] is not None:
             self.metrics.cost.labels(late["model"]).inc(late["cost_usd"])

@@ -107,7 +107,8 @@ class SimPrediction:
                      "cancel": f"{self.base_url}/v1/predictions/{self.id}/cancel",
                      "stream": f"{self.base_url}/v1/streams/{self.id}"},
         }
-        if status != "starting":
+        started = self.created + min(0.01, self.latency)
+        if (self.canceled_at if self.canceled_at is not None else now) >= started:  # canceled while starting: never
             body["started_at"] = iso(self.created)
         if done:
             end = self.canceled_at or (self.created + self.latency)
