@@ -504,6 +504,41 @@ def test_complete_runs_locks_usage_in_user_order_with_runs_cancelled_meanwhile(d
     assert tokens == {first: 15 + 1, second: 15 + 1}
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["complete_run", "complete_runs"])
+def test_a_completion_locks_the_users_usage_before_the_thread(db_url: str, conn, owner, thread, batched: bool) -> None:
+    """claim_runs, refusing a run at admission, locks the user's usage rows, then writes its
+    refusal into the thread (updating the thread's row). A completion takes them in the same
+    order: held up at the thread, it already holds the usage rows. Before, it wrote the reply
+    first, and a completion and a refusal in one thread could wait on each other."""
+    say(conn, owner, thread)
+    [run] = claim(conn)
+    outcome: dict[str, object] = {}
+    with psycopg.connect(db_url) as holder, psycopg.connect(db_url, autocommit=True) as completer, \
+            psycopg.connect(db_url) as probe:
+        holder.execute("update assistant_threads set last_message_at = last_message_at where id = %s", (thread,))
+
+        def complete_it() -> None:
+            try:
+                if batched:
+                    outcome["replies"] = complete_batch(completer, [batch_item(run)])
+                else:
+                    outcome["replies"] = complete(completer, run)
+            except psycopg.Error as exc:
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=complete_it)
+        worker.start()
+        try:
+            waiting_for_a_lock(conn, completer.info.backend_pid)  # at the thread's row
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                probe.execute("select 1 from ai_usage_windows where user_id = %s for update nowait", (owner,))
+        finally:
+            holder.rollback()
+            worker.join(timeout=30)
+    assert "error" not in outcome, outcome
+    assert run_row(conn, run["run_id"])["status"] == "completed"
+
+
 def test_complete_runs_completes_a_run_named_twice_once(conn, owner, thread) -> None:
     """With its first element, as two complete_run calls would (the second, empty, is not looked at)."""
     say(conn, owner, thread, "one")
