@@ -256,7 +256,7 @@ class ReplicateClient:
         self.create_limiter = AsyncLimiter(max(1, per_minute // 60), 1) if per_minute else None
         # How retries and polls wait (tests replace it to skip the waiting).
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-        # Creates whose caller was cancelled while they were on their way: see `settle`.
+        # Creates whose caller was cancelled while they were on their way: see `_settle`.
         self.settling: set[asyncio.Task[None]] = set()
         timeout = settings.replicate_timeout_seconds
         self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
@@ -309,6 +309,7 @@ class ReplicateClient:
         """POST the prediction; with `wait`, wait up to `replicate_prefer_wait_seconds` for it to
         finish (Prefer: wait), else return at once (to stream it). `handle.create_in_flight` is
         true while a request is on its way."""
+        flight = handle or PredictionHandle()
         headers = self._headers(token)
         if wait:
             headers["Prefer"] = f"wait={self.settings.replicate_prefer_wait_seconds}"
@@ -338,13 +339,11 @@ class ReplicateClient:
         async def attempt() -> dict[str, Any]:
             if self.create_limiter is not None:
                 await self.create_limiter.acquire()
-            if handle is None:
-                return await self._request("POST", url, headers, body, timeout)
-            handle.create_in_flight = True
+            flight.create_in_flight = True
             try:
                 return await self._request("POST", url, headers, body, timeout)
             finally:
-                handle.create_in_flight = False
+                flight.create_in_flight = False
 
         return await retried(attempt, lambda: AsyncRetrying(
             stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1), retry=retry_if_exception(transient),

@@ -83,12 +83,17 @@ class SimPrediction:
         self.latency = time.time() - self.created
         self.answer_now.set()
 
+    @property
+    def starts_at(self) -> float:
+        """When it leaves `starting` for `processing`."""
+        return self.created + min(0.01, self.latency)
+
     def status(self, now: float) -> str:
         if self.canceled_at is not None:
             return "canceled"
         if now >= self.created + self.latency:
             return self.end_as
-        return "processing" if now >= self.created + min(0.01, self.latency) else "starting"
+        return "processing" if now >= self.starts_at else "starting"
 
     def to_json(self, now: float) -> dict[str, Any]:
         status = self.status(now)
@@ -107,8 +112,7 @@ class SimPrediction:
                      "cancel": f"{self.base_url}/v1/predictions/{self.id}/cancel",
                      "stream": f"{self.base_url}/v1/streams/{self.id}"},
         }
-        started = self.created + min(0.01, self.latency)
-        if (self.canceled_at if self.canceled_at is not None else now) >= started:  # canceled while starting: never
+        if (self.canceled_at if self.canceled_at is not None else now) >= self.starts_at:  # canceled while starting: never
             body["started_at"] = iso(self.created)
         if done:
             end = self.canceled_at or (self.created + self.latency)
