@@ -82,6 +82,48 @@ async def test_cancelling_during_the_prediction_cancels_it_at_replicate(db_url, 
     assert (await run_of(db_url, message))["lease_owner"] is None
 
 
+async def test_a_cancelled_per_second_prediction_without_predict_time_is_priced_by_its_timestamps(
+        db_url, simulator, public_images, monkeypatch) -> None:
+    """A per-second model (the vision route) is billed for the time its prediction ran; a canceled
+    prediction may come back without `predict_time`: its started_at … completed_at is priced."""
+    from datetime import datetime
+    from decimal import Decimal
+
+    from worker.simulator import SimPrediction
+
+    as_replicate = SimPrediction.to_json
+
+    def without_predict_time(self: SimPrediction, now: float) -> dict[str, Any]:
+        body = as_replicate(self, now)
+        if body["status"] == "canceled":
+            body["metrics"].pop("predict_time")
+        return body
+
+    monkeypatch.setattr(SimPrediction, "to_json", without_predict_time)
+    simulator.latency = 30
+    user, thread = await new_user_thread(db_url)
+    settings = worker_settings(simulator.base_url, replicate_prefer_wait_seconds=1)
+    async with running_worker(settings, db_url):
+        message = await say(db_url, user, thread, "what is in this picture?", "https://images.example/cat.jpg")
+        await wait_until(checking(lambda: [r for r in simulator.requests if r.method == "GET"]),
+                         what="the prediction to be under way")
+        run = await run_of(db_url, message)
+        await as_user(db_url, user, "select cancel_run(%s) as status", (run["id"],))
+        await wait_until(lambda: query(db_url, "select 1 from assistant_inference_events where status = 'cancelled'"
+                                               " and prediction_id is not null"), timeout=10, what="the cancellation")
+    [prediction] = simulator.predictions.values()
+    canceled = prediction.to_json(time.time())
+    assert canceled["status"] == "canceled" and "predict_time" not in canceled["metrics"]
+    ran = datetime.fromisoformat(canceled["completed_at"]) - datetime.fromisoformat(canceled["started_at"])
+    [event] = await query(db_url, "select model, cost_estimate_usd from assistant_inference_events")
+    assert event["model"] == "yorickvp/llava-13b"
+    expected = (Decimal(str(ran.total_seconds())) * Decimal("0.000725")).quantize(Decimal("0.000001"))
+    assert event["cost_estimate_usd"] == expected > 0
+    [used] = await query(db_url, "select used from ai_usage_counters where user_id = %s and metric = 'cost_usd'"
+                                 " and time_window = 'day'", (user,))
+    assert used["used"] == expected
+
+
 async def test_users_cancel_only_their_own_requests_that_are_still_open(db_url, simulator) -> None:
     user, thread = await new_user_thread(db_url)
     other, _ = await new_user_thread(db_url)

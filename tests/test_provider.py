@@ -24,6 +24,7 @@ from worker.provider import (
     PredictionHandle,
     ProviderError,
     ReplicateClient,
+    active_seconds,
     estimate_cost,
     parse_retry_after,
     server_sent_events,
@@ -431,3 +432,15 @@ async def test_a_read_that_hangs_ends_at_the_predictions_deadline(stub: Replicat
     with pytest.raises(ProviderError) as failure:
         await asyncio.wait_for(predict(s), 60)  # a bound for the test only: a hang fails it instead of CI
     assert failure.value.code == "timeout" and cancel.call_count == 1
+
+
+@pytest.mark.parametrize(("prediction", "seconds"), [
+    ({"started_at": "2024-05-01T10:00:00.25Z", "completed_at": "2024-05-01T10:00:03.75Z"}, 3.5),
+    ({"started_at": "2024-05-01T10:00:03Z", "completed_at": "2024-05-01T10:00:01Z"}, 0.0),  # clock skew: none
+    ({"completed_at": "2024-05-01T10:00:03Z"}, None),  # canceled while starting: it never ran
+    ({"started_at": "2024-05-01T10:00:00Z", "completed_at": None}, None),
+    ({"started_at": "yesterday", "completed_at": "2024-05-01T10:00:03Z"}, None),
+    ({"started_at": "2024-05-01T10:00:00", "completed_at": "2024-05-01T10:00:03Z"}, None),  # naive against aware
+])
+def test_the_seconds_a_prediction_ran_come_from_its_timestamps(prediction: dict, seconds: float | None) -> None:
+    assert active_seconds(prediction) == seconds

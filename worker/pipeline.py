@@ -31,7 +31,7 @@ from worker.prompts import (
     estimate_tokens,
     parse_reply,
 )
-from worker.provider import Prediction, PredictionHandle, ProviderError, ReplicateClient, estimate_cost
+from worker.provider import Prediction, PredictionHandle, ProviderError, ReplicateClient, active_seconds, estimate_cost
 from worker.retries import retried
 from worker.store import ClaimedRun, Completion, RunGone, RunStore, StoreUnavailable
 from worker.streaming import Publisher, ReplyRelay
@@ -364,7 +364,8 @@ class Worker:
             # counts, so that cancelling is no way around a token budget.
             input_tokens = request.prompt_tokens_estimate if input_tokens is None else input_tokens
             output_tokens = (estimate_tokens(written) if written else 0) if output_tokens is None else output_tokens
-        cost = estimate_cost(request.model, input_tokens, output_tokens, used.predict_time)
+        predict_time = used.predict_time if used.predict_time is not None else active_seconds(last)
+        cost = estimate_cost(request.model, input_tokens, output_tokens, predict_time)
         consumed.update(prediction_id=handle.prediction_id, input_tokens=input_tokens, output_tokens=output_tokens,
                         cost_usd=float(cost) if cost is not None else None)
         return consumed

@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timezone
+from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -114,6 +114,18 @@ def estimate_cost(model: ModelProfile, input_tokens: int | None, output_tokens: 
     else:
         return None
     return Decimal(cost).quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
+
+
+def active_seconds(prediction: Mapping[str, Any]) -> float | None:
+    """The seconds a prediction ran, from its `started_at` to its `completed_at`: what Replicate
+    bills a per-second model for, where the prediction's metrics leave out `predict_time` (a
+    canceled one may). None if either is missing or unreadable."""
+    try:
+        started = datetime.fromisoformat(str(prediction["started_at"]))
+        ended = datetime.fromisoformat(str(prediction["completed_at"]))
+        return max(0.0, (ended - started).total_seconds())
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def parse_retry_after(headers: Mapping[str, str], detail: str) -> float | None:
