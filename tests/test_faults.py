@@ -353,6 +353,41 @@ async def test_every_replicate_fault_ends_in_a_terminal_state_within_the_retry_b
     assert codes >= {"timeout", "model_failed", "invalid_output"}  # these are never absorbed by HTTP retries
 
 
+@pytest.mark.parametrize("fault", ["failed", "malformed", "deadline"])
+async def test_what_a_failed_attempt_s_prediction_consumed_is_recorded_but_not_charged_to_the_user(
+        db_url, simulator, fault: str) -> None:
+    """A prediction that failed, answered with an unusable output, or was cancelled at the
+    attempt's deadline ran at Replicate and is paid for: its tokens and cost are on the failed
+    attempt's event and in the cost metric; the user's usage counts only the reply they got."""
+    settings = worker_settings(simulator.base_url, replicate_prefer_wait_seconds=1, worker_retry_base_seconds=0.05)
+    if fault == "deadline":
+        simulator.latency = 600  # the first prediction never ends: cancelled at the deadline
+        settings = worker_settings(simulator.base_url, replicate_prefer_wait_seconds=1, worker_retry_base_seconds=0.05,
+                                   prediction_timeout_seconds=1.5)
+    else:
+        simulator.inject(Fault(fault))
+    user, thread = await new_user_thread(db_url, plan="premium")
+    async with running_worker(settings, db_url) as worker:
+        await say(db_url, user, thread, "try twice")
+        if fault == "deadline":
+            await wait_until(lambda: query(db_url, "select 1 from assistant_inference_events where status = 'failed'"),
+                             timeout=10, what="the deadline")
+            simulator.latency = 0.05
+        [run] = await finished_runs(db_url, 1, timeout=30)
+    assert (run["status"], run["attempts"]) == ("completed", 2)
+    first, second = await query(db_url, "select status, error_code, prediction_id, input_tokens, output_tokens,"
+                                        " cost_estimate_usd from assistant_inference_events order by attempt")
+    code = {"failed": "model_failed", "malformed": "invalid_output", "deadline": "timeout"}[fault]
+    assert (first["status"], first["error_code"], second["status"]) == ("failed", code, "succeeded")
+    assert first["prediction_id"] in simulator.predictions
+    assert first["input_tokens"] > 0 and first["cost_estimate_usd"] > 0
+    if fault == "malformed":  # it succeeded at Replicate: its own counts
+        assert first["output_tokens"] == len(simulator.predictions[first["prediction_id"]].tokens)
+    assert worker.metrics.registry.get_sample_value("assistant_cost_usd_total", {"model": "meta/meta-llama-3-8b-instruct"}) \
+        == pytest.approx(float(first["cost_estimate_usd"] + second["cost_estimate_usd"]))
+    await assert_usage_counted_once(db_url, user, 1)  # the reply's tokens and cost only
+
+
 @pytest.fixture
 async def own_cluster(tmp_path: Path) -> AsyncIterator[tuple[LocalDatabase, str]]:
     """A database server of its own, to be restarted under a worker."""

@@ -155,6 +155,32 @@ def test_bad_error_code_is_refused(conn, owner, thread) -> None:
         fail(conn, run, "Oops!")
 
 
+def test_a_failed_attempt_records_what_its_prediction_consumed_on_its_event_only(conn, owner, thread) -> None:
+    """The operator pays for a prediction that failed: its tokens and cost go on the attempt's
+    event (and so into the operator reports), not into the user's usage."""
+    say(conn, owner, thread)
+    [run] = claim(conn)
+    before = {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()}
+    consumed = psycopg.types.json.Jsonb({"input_tokens": 40, "output_tokens": 7, "cost_usd": "0.00001"})
+    assert fail(conn, run, "model_failed", p_prediction_id="pred-f", p_consumed=consumed) == "queued"
+    assert fail(conn, run, "model_failed", p_prediction_id="pred-f", p_consumed=consumed) == "queued"  # once
+    events = conn.execute("select status, prediction_id, input_tokens, output_tokens, cost_estimate_usd, error_code"
+                          " from assistant_inference_events where run_id = %s", (run["run_id"],)).fetchall()
+    assert events == [("failed", "pred-f", 40, 7, Decimal("0.00001"), "model_failed")]
+    assert {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()} == before
+    conn.execute("refresh materialized view ai_usage_daily")
+    [(cost, failures)] = conn.execute("select cost_usd, failures from ai_usage_daily where user_id = %s", (owner,)).fetchall()
+    assert (cost, failures) == (Decimal("0.00001"), 1)
+
+
+def test_a_failed_attempt_s_consumption_must_be_an_object(conn, owner, thread) -> None:
+    say(conn, owner, thread)
+    [run] = claim(conn)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="p_consumed must be an object"):
+        fail(conn, run, "model_failed", p_consumed=psycopg.types.json.Jsonb([40, 7]))
+    assert run_row(conn, run["run_id"])["status"] == "in_progress"
+
+
 def test_expired_lease_is_claimed_again_and_the_late_worker_cannot_double_reply(conn, owner, thread) -> None:
     say(conn, owner, thread)
     [first] = claim(conn, "w1")

@@ -1135,6 +1135,7 @@ export type Database = {
       fail_attempt: {
         Args: {
           p_attempt: number
+          p_consumed?: Json
           p_error?: string
           p_error_code: string
           p_latency_ms?: number

@@ -308,7 +308,7 @@ class Worker:
                 if run.uses_own_key and exc.code in ("unauthorized", "billing_required"):
                     # The user's own account answered: say so, not "the assistant is misconfigured".
                     exc.code = "byok_token_invalid" if exc.code == "unauthorized" else "byok_billing_required"
-                await self._fail(run, request, exc)
+                await self._fail(run, request, exc, handle)
                 return
             await self._complete(run, request, prediction, knowledge_error)
         except RunGone:
@@ -337,7 +337,7 @@ class Worker:
             log.exception("run crashed", extra={"event": "run.crashed", "run_id": str(run.run_id)})
             error = ProviderError("internal_error", f"{type(exc).__name__}: {exc}"[:500], retryable=True)
             with contextlib.suppress(Exception):
-                await self._fail(run, request, error)
+                await self._fail(run, request, error, handle)
         finally:
             lease.cancel()
 
@@ -512,15 +512,21 @@ class Worker:
                 outcomes.append(exc)
         return outcomes
 
-    async def _fail(self, run: ClaimedRun, request: ModelRequest | None, error: ProviderError) -> None:
+    async def _fail(self, run: ClaimedRun, request: ModelRequest | None, error: ProviderError,
+                    handle: PredictionHandle | None = None) -> None:
         model = request.model.slug if request else "unknown"
+        # A prediction that ran (and failed, hit the deadline or answered with an unusable output)
+        # is paid for: recorded on the attempt's event and the cost metric, not the user's usage.
+        consumed = self._consumed(run, request, handle) if handle is not None and handle.prediction_id else None
         retry_in = error.retry_after
         if retry_in is None:  # exponential backoff: base, 2 x base, 4 x base … up to the cap
             retry_in = min(self.settings.worker_retry_max_seconds,
                            self.settings.worker_retry_base_seconds * 2 ** (run.attempt - 1))
         status = await self._store_call(lambda: self.store.fail(
             run, code=error.code, error=error.message, retryable=error.retryable, retry_in=retry_in,
-            model=model, prediction_id=error.prediction_id, latency_ms=None))
+            model=model, prediction_id=error.prediction_id, latency_ms=None, consumed=consumed))
+        if consumed is not None and consumed["cost_usd"] is not None:
+            self.metrics.cost.labels(model).inc(consumed["cost_usd"])
         self.counts[f"failed.{error.code}"] += 1
         self.metrics.failed.labels(error.code).inc()
         if status == "failed":  # this attempt ended the run

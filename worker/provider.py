@@ -465,7 +465,7 @@ class ReplicateClient:
                     prediction = handle.last
             while prediction["status"] not in TERMINAL:
                 if time.monotonic() >= deadline:
-                    await self.cancel(prediction_id, token)
+                    handle.last = await self.cancel(prediction_id, token) or handle.last
                     raise ProviderError("timeout", f"prediction did not finish in {self.settings.prediction_timeout_seconds:g}s",
                                         retryable=True)
                 await self.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -479,7 +479,7 @@ class ReplicateClient:
             exc.prediction_id = exc.prediction_id or prediction_id
             if exc.code != "timeout" and handle.last.get("status") not in TERMINAL:
                 # best effort: the attempt gives the prediction up, so nobody pays for it
-                await asyncio.shield(self.cancel(prediction_id, token))
+                handle.last = await asyncio.shield(self.cancel(prediction_id, token)) or handle.last
             raise
         status = prediction["status"]
         if status != "succeeded":

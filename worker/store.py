@@ -123,13 +123,16 @@ class RunStore(ABC):
         return {uuid.UUID(str(r["run_id"])): uuid.UUID(str(r["reply_id"])) if r["reply_id"] else None for r in rows}
 
     async def fail(self, run: ClaimedRun, *, code: str, error: str, retryable: bool, retry_in: float | None,
-                   model: str, prediction_id: str | None, latency_ms: int | None) -> str:
+                   model: str, prediction_id: str | None, latency_ms: int | None,
+                   consumed: dict[str, Any] | None = None) -> str:
         """'queued' (to be tried again), 'failed' (this attempt ended the run) or 'superseded'
-        (the run went on without this attempt: taken over, completed, cancelled or ended)."""
+        (the run went on without this attempt: taken over, completed, cancelled or ended).
+        `consumed`: what the attempt's prediction consumed (input_tokens, output_tokens,
+        cost_usd), recorded on its event (see the migration 20261123000600)."""
         return str(await self.call("fail_attempt", {
             "p_run_id": run.run_id, "p_attempt": run.attempt, "p_error_code": code, "p_error": error,
             "p_retryable": retryable, "p_retry_in_seconds": retry_in, "p_model": model, "p_provider": "replicate",
-            "p_prediction_id": prediction_id, "p_latency_ms": latency_ms,
+            "p_prediction_id": prediction_id, "p_latency_ms": latency_ms, "p_consumed": consumed,
         }))
 
     async def finish_cancelled(self, run: ClaimedRun, consumed: dict[str, Any] | None) -> None:
