@@ -429,6 +429,7 @@ def test_concurrent_claims_are_disjoint(db_url: str, conn, owner, thread) -> Non
     "select * from run_queue_status()",
     "select assistant_finish_failed(gen_random_uuid(), 'timeout', 'x')",
     "select record_cancelled_consumption(gen_random_uuid(), '{}')",
+    "select prune_usage_windows()",
 ])
 @pytest.mark.parametrize("actor", ["anon", "authenticated"])
 def test_clients_cannot_call_worker_functions(conn, owner, call: str, actor: str) -> None:

@@ -318,3 +318,47 @@ def test_admissions_and_completions_of_one_user_at_once_never_deadlock(db_url: s
         t.join()
     assert errors == []
     assert dict(((m, w), u) for m, w, u in conn.execute(COUNTERS, (user,)))[("messages", "month")] == 16 * 40
+
+
+def windows_of(conn: psycopg.Connection, user: uuid.UUID) -> set[tuple[str, datetime]]:
+    return set(conn.execute("select time_window, window_start from ai_usage_windows where user_id = %s", (user,)).fetchall())
+
+
+def test_usage_windows_past_their_retention_are_pruned(conn) -> None:
+    """Hour windows are kept 7 days after they end, the others 13 months; the current windows,
+    and with them admission, are untouched; a call deletes at most its limit."""
+    user = create_user(conn)
+
+    def ago(window: str, amount: str) -> datetime:  # the start of the `window` this long before the current one
+        return conn.execute("select ai_window_start(%s) - %s::interval", (window, amount)).fetchone()[0]
+
+    kept = {(w, ago(w, a)) for w, a in [
+        ("hour", "0 hours"), ("hour", "1 hour"), ("hour", "166 hours"),  # ended within the last 7 days
+        ("day", "0 days"), ("day", "1 day"), ("day", "380 days"),  # within 13 months
+        ("week", "0 weeks"), ("week", "55 weeks"), ("month", "0 months"), ("month", "12 months")]}
+    gone = {(w, ago(w, a)) for w, a in [
+        ("hour", "169 hours"), ("hour", "30 days"), ("day", "400 days"), ("day", "800 days"),
+        ("week", "58 weeks"), ("week", "100 weeks"), ("month", "15 months"), ("month", "30 months")]}
+    for window, window_start in kept | gone:
+        conn.execute("insert into ai_usage_windows (user_id, time_window, window_start, messages) values (%s, %s, %s, 1)",
+                     (user, window, window_start))
+    assert conn.execute("select prune_usage_windows(p_limit => 3)").fetchone()[0] == 3
+    assert len(windows_of(conn, user)) == len(kept) + len(gone) - 3
+    assert conn.execute("select prune_usage_windows()").fetchone()[0] == len(gone) - 3
+    assert windows_of(conn, user) == kept
+    assert conn.execute("select prune_usage_windows()").fetchone()[0] == 0
+    # Custom retention: hour windows a day, the others a year.
+    assert conn.execute("select prune_usage_windows(interval '1 day', interval '1 year')").fetchone()[0] == 3
+    assert windows_of(conn, user) == kept - {("hour", ago("hour", "166 hours")), ("day", ago("day", "380 days")),
+                                             ("week", ago("week", "55 weeks"))}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ("p_hours_kept => interval '10 minutes'", "retention must be at least"),
+    ("p_others_kept => interval '1 week'", "retention must be at least"),
+    ("p_hours_kept => null", "retention must be at least"),
+    ("p_limit => 0", "p_limit must be between"),
+])
+def test_pruning_usage_windows_says_what_it_needs(conn, args: str, message: str) -> None:
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=message):
+        conn.execute(f"select prune_usage_windows({args})")

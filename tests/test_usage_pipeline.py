@@ -9,7 +9,16 @@ import psycopg
 import pytest
 from cryptography.fernet import Fernet
 
-from tests.pipeline_helpers import as_user, finished_runs, new_user_thread, query, running_worker, say, worker_settings
+from tests.pipeline_helpers import (
+    as_user,
+    finished_runs,
+    new_user_thread,
+    query,
+    running_worker,
+    say,
+    wait_until,
+    worker_settings,
+)
 from worker.simulator import ReplicateSimulator
 
 TOKEN = "r8_UserOwnToken0123456789abcdefghijkl"
@@ -59,6 +68,23 @@ async def test_a_blocked_request_never_reaches_replicate_and_tells_the_user_why(
     [run] = await as_user(db_url, user, "select status, last_error_code, last_error from assistant_runs where message_id = %s",
                           (second,))
     assert run["status"] == "blocked" and run["last_error"] == reply["content"]
+
+
+async def test_the_worker_prunes_usage_windows_past_their_retention(db_url, simulator, caplog) -> None:
+    user, _ = await new_user_thread(db_url)
+    await execute(db_url, "insert into ai_usage_windows (user_id, time_window, window_start, messages) values"
+                          f" ('{user}', 'hour', ai_window_start('hour') - interval '30 days', 3),"
+                          f" ('{user}', 'hour', ai_window_start('hour'), 1), ('{user}', 'day', ai_window_start('day'), 4)")
+    settings = worker_settings(simulator.base_url, worker_sweep_interval_seconds=0.1, usage_prune_interval_seconds=3600)
+    with caplog.at_level(logging.INFO, logger="worker.pipeline"):
+        async with running_worker(settings, db_url):
+            # Pruned when the worker starts, and then every hour.
+            await wait_until(lambda: query(db_url, "select 1 where not exists (select 1 from ai_usage_windows"
+                                                   " where window_start < now() - interval '7 days')"),
+                             what="the old hour window to be pruned")
+    windows = await query(db_url, "select time_window, messages from ai_usage_windows where user_id = %s order by 1", (user,))
+    assert windows == [{"time_window": "day", "messages": 4}, {"time_window": "hour", "messages": 1}]
+    assert [r.windows for r in caplog.records if getattr(r, "event", None) == "usage.pruned"] == [1]
 
 
 async def test_byok_without_vault_uses_the_users_token_and_keeps_it_encrypted(db_url, caplog) -> None:

@@ -1219,6 +1219,14 @@ export type Database = {
           version: number
         }[]
       }
+      prune_usage_windows: {
+        Args: {
+          p_hours_kept?: string
+          p_limit?: number
+          p_others_kept?: string
+        }
+        Returns: number
+      }
       record_cancelled_consumption: {
         Args: { p_consumed: Json; p_run_id: string }
         Returns: boolean

@@ -133,6 +133,8 @@ class Settings(BaseSettings):
     byok_encryption_key: SecretStr | None = None
     # Operator reports (materialized views) are refreshed this often by the worker; 0: never.
     usage_report_refresh_seconds: float = Field(300, ge=0)
+    # Usage windows past their retention (prune_usage_windows) are deleted this often; 0: never.
+    usage_prune_interval_seconds: float = Field(3600, ge=0)
 
     @field_validator("byok_encryption_key")
     @classmethod

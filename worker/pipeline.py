@@ -178,9 +178,10 @@ class Worker:
 
     async def _maintenance(self) -> None:
         """Background upkeep every few seconds: queue gauges, BYOK tokens set without Vault to
-        encrypt, operator reports to refresh when due."""
+        encrypt, operator reports to refresh and usage windows to prune when due."""
         refresh_every = self.settings.usage_report_refresh_seconds
-        last_refresh = 0.0
+        prune_every = self.settings.usage_prune_interval_seconds
+        last_refresh = last_prune = 0.0
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -189,9 +190,24 @@ class Worker:
                 if refresh_every and loop.time() - last_refresh >= refresh_every:
                     await self.store.refresh_usage_reports()
                     last_refresh = loop.time()
+                if prune_every and loop.time() - last_prune >= prune_every:
+                    await self._prune_usage_windows()
+                    last_prune = loop.time()
             except Exception as exc:
                 log.warning("maintenance failed", extra={"event": "maintenance.failed", "error": str(exc)[:200]})
             await asyncio.sleep(min(self.settings.worker_sweep_interval_seconds, 5.0))
+
+    async def _prune_usage_windows(self, batch: int = 10000, most: int = 100) -> None:
+        """Deletes the usage windows past their retention, a batch per transaction (each short:
+        admissions lock their users' current windows meanwhile), at most `most` batches a round."""
+        deleted = 0
+        for _ in range(most):
+            pruned = await self.store.prune_usage_windows(batch)
+            deleted += pruned
+            if pruned < batch:
+                break
+        if deleted:
+            log.info("usage windows pruned", extra={"event": "usage.pruned", "windows": deleted})
 
     async def _watch_cancellations(self) -> None:
         """Stops the runs their users cancelled: at once on a hint (NOTIFY assistant_cancel),

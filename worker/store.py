@@ -168,6 +168,10 @@ class RunStore(ABC):
     async def refresh_usage_reports(self) -> None:
         await self.call("refresh_ai_usage_reports", {})
 
+    async def prune_usage_windows(self, limit: int = 10000) -> int:
+        """Deletes up to `limit` usage windows past their retention; how many it deleted."""
+        return int(await self.call("prune_usage_windows", {"p_limit": limit}))
+
     async def queue_status(self) -> QueueStatus:
         [row] = await self.call("run_queue_status", {}, rows=True)
         next_due = row["next_due_at"]
