@@ -246,9 +246,9 @@ class CompletionHeldBack(PostgresStore):
             self.flagged.set()
         return flagged
 
-    async def finish_cancelled(self, run: Any, consumed: dict[str, Any] | None) -> None:
+    async def finish_cancelled(self, run: Any, consumed: dict[str, Any] | None) -> bool:
         await self.completed.wait()
-        await super().finish_cancelled(run, consumed)
+        return await super().finish_cancelled(run, consumed)
 
 
 async def test_a_request_cancelled_while_its_reply_is_being_written_is_counted_once(db_url, simulator) -> None:
@@ -317,10 +317,10 @@ class FinishHeldBack(PostgresStore):
         self.let_go, self.held = asyncio.Event(), asyncio.Event()
         return self
 
-    async def finish_cancelled(self, run: Any, consumed: dict[str, Any] | None) -> None:
+    async def finish_cancelled(self, run: Any, consumed: dict[str, Any] | None) -> bool:
         self.held.set()
         await self.let_go.wait()
-        await super().finish_cancelled(run, consumed)
+        return await super().finish_cancelled(run, consumed)
 
 
 async def test_a_cancellation_being_recorded_survives_shutdown(db_url, simulator, caplog) -> None:
@@ -350,3 +350,75 @@ async def test_a_cancellation_being_recorded_survives_shutdown(db_url, simulator
     [event] = await query(db_url, "select status, prediction_id, input_tokens from assistant_inference_events")
     assert (event["status"], event["prediction_id"]) == ("cancelled", prediction.id) and event["input_tokens"] > 0
     assert worker.counts["cancelled"] == 1 and not logged("worker.settle_abandoned")
+
+
+async def deleted_request_charges(db_url: str, user: uuid.UUID) -> tuple[dict, dict]:
+    """The deleted request's event, and the user's day of usage."""
+    [event] = await query(db_url, "select status, error_code, run_id, message_id, thread_id, prediction_id, model,"
+                                  " input_tokens, output_tokens, cost_estimate_usd from assistant_inference_events")
+    [day] = await query(db_url, "select messages, tokens, cost_usd from ai_usage_windows"
+                                " where user_id = %s and time_window = 'day'", (user,))
+    return event, day
+
+
+@pytest.mark.parametrize("deleted", ["message", "thread"])
+@pytest.mark.parametrize("hint", ["notify", "poll"])
+async def test_a_request_deleted_while_the_model_writes_is_stopped_and_charged(db_url, simulator, deleted: str,
+                                                                               hint: str) -> None:
+    """Deleting the message (or its thread) deletes its run. The worker stops the prediction as it
+    would for a cancellation, and charges what it consumed: deleting is no free way to cancel."""
+    simulator.latency = 30
+    user, thread = await new_user_thread(db_url)
+    settings = worker_settings(simulator.base_url, worker_sweep_interval_seconds=0.2)
+    wakeups = NoWakeups() if hint == "poll" else None  # without NOTIFY the worker looks every second
+    async with running_worker(settings, db_url, wakeups=wakeups, stream=True) as worker:
+        message = await say(db_url, user, thread, "a long answer please")
+        await wait_until(checking(lambda: any(p.status(time.time()) == "processing"
+                                              for p in simulator.predictions.values())),
+                         what="the prediction to be under way")
+        await wait_until(checking(lambda: [r for r in simulator.requests if r.path.startswith("/v1/streams/")]),
+                         what="the stream to be read")
+        table, row = ("assistant_messages", message) if deleted == "message" else ("assistant_threads", thread)
+        await as_user(db_url, user, f"delete from {table} where id = %s", (row,))
+        await wait_until(lambda: query(db_url, "select 1 from assistant_inference_events"), timeout=10,
+                         what="the deleted request to be charged")
+    [prediction] = simulator.predictions.values()
+    assert prediction.canceled_at is not None
+    assert (worker.counts["gone"], worker.counts["cancelled"], worker.counts["completed"]) == (1, 0, 0)
+    event, day = await deleted_request_charges(db_url, user)
+    assert {k: event[k] for k in ("status", "error_code", "run_id", "message_id", "prediction_id", "model")} == {
+        "status": "cancelled", "error_code": "request_deleted", "run_id": None, "message_id": None,
+        "prediction_id": prediction.id, "model": "meta/meta-llama-3-8b-instruct"}
+    assert event["thread_id"] == (thread if deleted == "message" else None)
+    assert event["input_tokens"] > 0 and event["cost_estimate_usd"] > 0
+    assert (day["messages"], day["tokens"], day["cost_usd"]) == (
+        1, event["input_tokens"] + event["output_tokens"], event["cost_estimate_usd"])
+    assert worker.metrics.registry.get_sample_value(
+        "assistant_cost_usd_total", {"model": "meta/meta-llama-3-8b-instruct"}) == float(event["cost_estimate_usd"])
+    assert worker.metrics.registry.get_sample_value("assistant_runs_cancelled_total") == 0
+
+
+async def test_a_request_deleted_while_its_reply_is_written_is_charged_once(db_url, simulator) -> None:
+    """The prediction has succeeded and its reply is on its way when the user deletes the message:
+    the write finds the run gone, and the reply the user was streamed is charged all the same."""
+    user, thread = await new_user_thread(db_url)
+    store = (await CompletionHeldBack.connect(db_url)).hold()
+    try:
+        async with running_worker(worker_settings(simulator.base_url), db_url, store=store) as worker:
+            message = await say(db_url, user, thread, "answer, then be deleted")
+            await wait_until(checking(store.held.is_set), what="the reply to be on its way")
+            await as_user(db_url, user, "delete from assistant_messages where id = %s", (message,))
+            await wait_until(checking(store.flagged.is_set), what="the worker to see the deletion")
+            store.let_go.set()
+            await wait_until(checking(lambda: not worker.inflight), what="the worker to be done with it")
+    finally:
+        await store.close()
+    [prediction] = simulator.predictions.values()
+    event, day = await deleted_request_charges(db_url, user)
+    assert (event["error_code"], event["prediction_id"]) == ("request_deleted", prediction.id)
+    metrics = prediction.to_json(time.time())["metrics"]  # the prediction's own counts
+    assert (event["input_tokens"], event["output_tokens"]) == (metrics["input_token_count"], metrics["output_token_count"])
+    assert (day["tokens"], day["cost_usd"]) == (event["input_tokens"] + event["output_tokens"], event["cost_estimate_usd"])
+    assert await query(db_url, "select * from assistant_messages") == []
+    assert (worker.counts["gone"], worker.counts["completed"]) == (1, 0)
+    assert not [k for k in worker.counts if k.startswith("failed.")]  # not mistaken for a failure

@@ -16,7 +16,6 @@ import pytest
 
 from tests.conftest import PROJECT_DIR
 from tests.pipeline_helpers import (
-    as_user,
     checking,
     NoWakeups,
     finished_runs,
@@ -333,19 +332,6 @@ async def test_terminal_chat_writes_through_rls_and_prints_replies(db_url, simul
     rows = await query(db_url, "select m.role, m.user_id = u.id as own from assistant_messages m, auth.users u"
                                " where u.email = 'terminal@example.com' order by m.created_at")
     assert [r["role"] for r in rows] == ["user", "assistant", "user", "assistant"] and all(r["own"] for r in rows)
-
-
-async def test_a_message_deleted_while_its_reply_is_produced_is_dropped_quietly(db_url, simulator) -> None:
-    simulator.latency = 0.5
-    user, thread = await new_user_thread(db_url)
-    async with running_worker(worker_settings(simulator.base_url), db_url) as worker:
-        message = await say(db_url, user, thread, "never mind")
-        await wait_until(checking(lambda: worker.inflight), what="the run in flight")
-        await as_user(db_url, user, "delete from assistant_messages where id = %s", (message,))
-        await wait_until(checking(lambda: worker.counts["gone"]), what="the worker to notice")
-    assert await query(db_url, "select * from assistant_messages") == []
-    assert worker.counts["completed"] == 0
-    assert not [k for k in worker.counts if k.startswith("failed.")]  # not mistaken for a failure
 
 
 async def test_replies_finishing_together_are_written_in_one_call_each_exactly_once(db_url, simulator, monkeypatch) -> None:

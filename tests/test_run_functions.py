@@ -359,6 +359,57 @@ def test_record_cancelled_consumption_says_what_it_needs(conn, owner, thread, co
         conn.execute("select record_cancelled_consumption(%s, %s)", (run["run_id"], value))
 
 
+def test_cancelled_runs_names_runs_flagged_or_deleted(conn, owner, thread) -> None:
+    first, second, third = (say(conn, owner, thread, f"m{i}") for i in range(3))
+    runs = {r["message_id"]: r["run_id"] for r in claim(conn)}
+    conn.execute("update assistant_runs set cancel_requested_at = now() where id = %s", (runs[first],))
+    conn.execute("delete from assistant_messages where id = %s", (second,))
+    ids = psycopg.types.json.Jsonb([str(r) for r in runs.values()])
+    named = {r for (r,) in conn.execute("select run_id from cancelled_runs(%s)", (ids,)).fetchall()}
+    assert named == {runs[first], runs[second]}
+
+
+def test_a_deleted_run_s_prediction_is_charged_once(conn, owner, thread) -> None:
+    """record_orphaned_consumption: what the prediction of a run deleted with its message
+    consumed goes on a request_deleted event and the user's usage, once; nothing while the run
+    exists, for a prediction whose reply was written before the deletion, or for a deleted user."""
+    message = say(conn, owner, thread)
+    [run] = claim(conn)
+    consumed = {"attempt": 1, "model": MODEL, "prediction_id": "pred-gone", "input_tokens": 40, "output_tokens": 9,
+                "cost_usd": "0.00003", "thread_id": str(thread)}
+    record = "select record_orphaned_consumption(%s, %s, %s)"
+    args = (run["run_id"], owner, psycopg.types.json.Jsonb(consumed))
+    assert conn.execute(record, args).fetchone()[0] is False  # the run exists: its own functions record it
+    before = {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()}
+    conn.execute("delete from assistant_messages where id = %s", (message,))
+    assert conn.execute(record, args).fetchone()[0] is True
+    assert conn.execute(record, args).fetchone()[0] is False  # once
+    event = conn.execute("select status, error_code, run_id, message_id, thread_id, prediction_id, input_tokens,"
+                         " output_tokens, cost_estimate_usd from assistant_inference_events").fetchall()
+    assert event == [("cancelled", "request_deleted", None, None, thread, "pred-gone", 40, 9, Decimal("0.00003"))]
+    after = {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()}
+    assert after[("tokens", "day")] == before.get(("tokens", "day"), 0) + 49
+    assert after[("cost_usd", "day")] == before.get(("cost_usd", "day"), 0) + Decimal("0.00003")
+    # A reply written before its message was deleted was charged by complete_run: not again.
+    second = say(conn, owner, thread, "answered, then deleted")
+    [run2] = claim(conn)
+    complete(conn, run2, p_prediction_id="pred-answered")
+    conn.execute("delete from assistant_messages where id = %s", (second,))
+    again = {**consumed, "prediction_id": "pred-answered"}
+    assert conn.execute(record, (run2["run_id"], owner, psycopg.types.json.Jsonb(again))).fetchone()[0] is False
+    # Nobody left to charge.
+    other = {**consumed, "prediction_id": "pred-nobody"}
+    assert conn.execute(record, (run["run_id"], uuid.uuid4(), psycopg.types.json.Jsonb(other))).fetchone()[0] is False
+    assert conn.execute("select count(*) from assistant_inference_events").fetchone()[0] == 2
+
+
+@pytest.mark.parametrize("consumed", [None, {}, {"attempt": 1}, {"prediction_id": "p"}, ["p"]])
+def test_record_orphaned_consumption_says_what_it_needs(conn, owner, consumed) -> None:
+    value = None if consumed is None else psycopg.types.json.Jsonb(consumed)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="are required"):
+        conn.execute("select record_orphaned_consumption(gen_random_uuid(), %s, %s)", (owner, value))
+
+
 def test_release_gives_the_attempt_back(conn, owner, thread) -> None:
     say(conn, owner, thread)
     [run] = claim(conn, "w1")
@@ -430,6 +481,7 @@ def test_concurrent_claims_are_disjoint(db_url: str, conn, owner, thread) -> Non
     "select assistant_finish_failed(gen_random_uuid(), 'timeout', 'x')",
     "select record_cancelled_consumption(gen_random_uuid(), '{}')",
     "select prune_usage_windows()",
+    "select record_orphaned_consumption(gen_random_uuid(), gen_random_uuid(), '{}')",
 ])
 @pytest.mark.parametrize("actor", ["anon", "authenticated"])
 def test_clients_cannot_call_worker_functions(conn, owner, call: str, actor: str) -> None:

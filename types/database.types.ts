@@ -1159,7 +1159,7 @@ export type Database = {
       }
       finish_cancelled: {
         Args: { p_consumed: Json; p_run_id: string }
-        Returns: undefined
+        Returns: boolean
       }
       get_replicate_token: { Args: { p_user_id: string }; Returns: Json }
       kb_document_hashes: {
@@ -1229,6 +1229,10 @@ export type Database = {
       }
       record_cancelled_consumption: {
         Args: { p_consumed: Json; p_run_id: string }
+        Returns: boolean
+      }
+      record_orphaned_consumption: {
+        Args: { p_consumed: Json; p_run_id: string; p_user_id: string }
         Returns: boolean
       }
       refresh_ai_usage_reports: { Args: never; Returns: undefined }

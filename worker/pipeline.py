@@ -300,6 +300,7 @@ class Worker:
         lease = asyncio.create_task(self._keep_lease(run))
         request: ModelRequest | None = None
         handle = PredictionHandle()
+        replying = False  # the prediction succeeded and its reply is being written
         try:
             assistant = Assistant.from_row(run.assistant, self.settings)
             try:
@@ -326,11 +327,15 @@ class Worker:
                     exc.code = "byok_token_invalid" if exc.code == "unauthorized" else "byok_billing_required"
                 await self._fail(run, request, exc, handle)
                 return
+            replying = True
             await self._complete(run, request, prediction, knowledge_error)
         except RunGone:
-            # The user deleted the message or thread meanwhile: nothing to answer any more.
+            # The user deleted the message or thread meanwhile: nothing to answer any more. A
+            # reply that was produced is charged all the same, as a cancelled request is.
             self.counts["gone"] += 1
             log.info("run gone", extra={"event": "run.gone", "run_id": str(run.run_id)})
+            if replying:
+                await self._record_orphaned(run, self._consumed(run, request, handle))
         except asyncio.CancelledError:
             if run.run_id in self.cancelling:
                 # The user cancelled: the prediction was cancelled at Replicate by the provider (or
@@ -396,20 +401,28 @@ class Worker:
         # recorded once they have answered (below).
         consumed = self._consumed(run, request, handle,
                                   settled=handle.settling is None or handle.settling.done())
+        gone = False
         try:
-            await self._store_call(lambda: self.store.finish_cancelled(run, consumed))
+            gone = not await self._store_call(lambda: self.store.finish_cancelled(run, consumed))
         except Exception as exc:  # the claim ends it cancelled once its lease has run out
             log.warning("ending a cancelled run failed", extra={"event": "run.cancel_record_failed",
                                                                 "run_id": str(run.run_id), "error": str(exc)[:200]})
         finally:
             if not ended.done():
                 ended.set_result(None)
-        self.counts["cancelled"] += 1
-        self.metrics.cancelled.inc()
-        if consumed["cost_usd"] is not None:
-            self.metrics.cost.labels(consumed["model"]).inc(consumed["cost_usd"])
-        log.info("run cancelled", extra={"event": "run.cancelled", "run_id": str(run.run_id),
-                                         "prediction_id": handle.prediction_id})
+        if gone:  # its message or thread was deleted: charged all the same
+            self.counts["gone"] += 1
+            log.info("run gone", extra={"event": "run.gone", "run_id": str(run.run_id),
+                                        "prediction_id": handle.prediction_id})
+            if consumed["prediction_id"] is not None:
+                await self._record_orphaned(run, consumed)
+        else:
+            self.counts["cancelled"] += 1
+            self.metrics.cancelled.inc()
+            if consumed["cost_usd"] is not None:
+                self.metrics.cost.labels(consumed["model"]).inc(consumed["cost_usd"])
+            log.info("run cancelled", extra={"event": "run.cancelled", "run_id": str(run.run_id),
+                                             "prediction_id": handle.prediction_id})
         if handle.settling is None or consumed["prediction_id"] is not None:
             return  # recorded with the end, or nothing was asked of Replicate
         late: dict[str, Any] = {"prediction_id": None}
@@ -418,6 +431,9 @@ class Worker:
             late = self._consumed(run, request, handle)
             if late["prediction_id"] is None:
                 return  # the create failed: nothing was started, or nothing can be found
+            if gone:
+                await self._record_orphaned(run, late)
+                return
             recorded = await self._store_call(lambda: self.store.record_cancelled_consumption(run, late))
         except Exception as exc:
             log.warning("recording a cancelled prediction failed", extra={
@@ -426,6 +442,20 @@ class Worker:
             return
         if recorded and late["cost_usd"] is not None:
             self.metrics.cost.labels(late["model"]).inc(late["cost_usd"])
+
+    async def _record_orphaned(self, run: ClaimedRun, consumed: dict[str, Any]) -> None:
+        """Charges what the prediction of a run deleted meanwhile consumed (once per prediction)."""
+        if consumed["prediction_id"] is None:
+            return
+        try:
+            recorded = await self._store_call(lambda: self.store.record_orphaned_consumption(run, consumed))
+        except Exception as exc:
+            log.warning("recording a deleted request's prediction failed", extra={
+                "event": "run.gone_record_failed", "run_id": str(run.run_id),
+                "prediction_id": consumed["prediction_id"], "error": str(exc)[:200]})
+            return
+        if recorded and consumed["cost_usd"] is not None:
+            self.metrics.cost.labels(consumed["model"]).inc(consumed["cost_usd"])
 
     async def _knowledge(self, run: ClaimedRun, assistant: Assistant) -> tuple[list[KnowledgeChunk], str | None]:
         """Retrieved chunks for an assistant with a knowledge base. A failed retrieval does not

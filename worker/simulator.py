@@ -365,7 +365,8 @@ class ReplicateSimulator:
                 break
             data = "\n".join(f"data: {line}" for line in token.split("\n"))
             await response.write(f"event: output\nid: {base}:{index}\n{data}\n\n".encode())
-        await asyncio.sleep(max(0.0, prediction.created + prediction.latency - time.time()))
+        if prediction.canceled_at is None:  # a canceled one ends at the next token, as Replicate's stream does
+            await asyncio.sleep(max(0.0, prediction.created + prediction.latency - time.time()))
         reason = "{}" if prediction.canceled_at is None else '{"reason": "canceled"}'
         await response.write(f"event: done\nid: {base}:{count}\ndata: {reason}\n\n".encode())
         await response.write_eof()

@@ -135,8 +135,16 @@ class RunStore(ABC):
             "p_prediction_id": prediction_id, "p_latency_ms": latency_ms, "p_consumed": consumed,
         }))
 
-    async def finish_cancelled(self, run: ClaimedRun, consumed: dict[str, Any] | None) -> None:
-        await self.call("finish_cancelled", {"p_run_id": run.run_id, "p_consumed": consumed})
+    async def finish_cancelled(self, run: ClaimedRun, consumed: dict[str, Any] | None) -> bool:
+        """Ends a cancelled run with what it consumed; false if the run no longer exists (its
+        message or thread was deleted)."""
+        return bool(await self.call("finish_cancelled", {"p_run_id": run.run_id, "p_consumed": consumed}))
+
+    async def record_orphaned_consumption(self, run: ClaimedRun, consumed: dict[str, Any]) -> bool:
+        """What the prediction of a run deleted meanwhile consumed, charged to its user once;
+        false when it was recorded already (see the migration 20261123000800)."""
+        return bool(await self.call("record_orphaned_consumption", {
+            "p_run_id": run.run_id, "p_user_id": run.user_id, "p_consumed": {**consumed, "thread_id": str(run.thread_id)}}))
 
     async def record_cancelled_consumption(self, run: ClaimedRun, consumed: dict[str, Any]) -> bool:
         """What a prediction consumed whose create answered after its run was cancelled; false
