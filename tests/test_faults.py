@@ -388,6 +388,32 @@ async def test_what_a_failed_attempt_s_prediction_consumed_is_recorded_but_not_c
     await assert_usage_counted_once(db_url, user, 1)  # the reply's tokens and cost only
 
 
+@pytest.mark.parametrize("odd", [float("nan"), float("inf"), -50, 3_000_000_000])
+async def test_odd_numbers_in_a_prediction_s_metrics_are_estimated_instead(db_url, simulator, monkeypatch, odd) -> None:
+    """Counts no database can hold (JSON's NaN, Infinity, a negative or huge number) count as
+    absent: the reply is written with estimated tokens, not left claimed until its lease ends."""
+    from worker.simulator import SimPrediction
+
+    as_replicate = SimPrediction.to_json
+
+    def odd_metrics(self: SimPrediction, now: float) -> dict[str, Any]:
+        body = as_replicate(self, now)
+        if body["status"] == "succeeded":
+            body["metrics"].update(input_token_count=odd, output_token_count=odd, time_to_first_token=odd)
+        return body
+
+    monkeypatch.setattr(SimPrediction, "to_json", odd_metrics)
+    user, thread = await new_user_thread(db_url)
+    async with running_worker(worker_settings(simulator.base_url), db_url):
+        message = await say(db_url, user, thread, "count me")
+        [run] = await finished_runs(db_url, 1)
+    assert (run["status"], run["attempts"]) == ("completed", 1)
+    [reply] = await query(db_url, "select metadata_json from assistant_messages where reply_to = %s", (message,))
+    assert reply["metadata_json"]["tokens_estimated"] is True
+    [event] = await query(db_url, "select input_tokens, output_tokens from assistant_inference_events")
+    assert 0 < event["input_tokens"] < 10_000 and 0 < event["output_tokens"] < 10_000
+
+
 @pytest.fixture
 async def own_cluster(tmp_path: Path) -> AsyncIterator[tuple[LocalDatabase, str]]:
     """A database server of its own, to be restarted under a worker."""

@@ -164,3 +164,25 @@ async def test_the_assistant_answers_with_retrieved_knowledge(db_url, simulator,
     assert used[0]["source"].endswith("security.md") and used[0]["similarity"] > 0.2
     [search] = await query(db_url, "select assistant_id, run_id, result_count from kb_searches")
     assert search["assistant_id"] == assistant["id"] and search["run_id"] == run["id"] and search["result_count"] >= 1
+
+
+async def test_a_retrieval_the_database_refuses_leaves_the_reply_without_knowledge(db_url, simulator, monkeypatch) -> None:
+    """An embedding pgvector cannot take (NaN), or any other failure of the retrieval, is not the
+    reply's failure: it is answered without knowledge, and the reason kept."""
+    import worker.knowledge
+
+    async def nan_vectors(self, texts):  # what a model answering NaN gives, parsed by the standard library
+        return [[float("nan")] * 768 for _ in texts]
+
+    monkeypatch.setattr(worker.knowledge.Embedder, "embed", nan_vectors)
+    [assistant] = await query(db_url, "insert into assistants (slug, name, instructions, features) values"
+                                      " ('helpdesk', 'Helpdesk', 'You answer support questions.', '{knowledge_base}')"
+                                      " returning id")
+    user, thread = await new_user_thread(db_url)
+    await query(db_url, "update assistant_threads set assistant_id = %s where id = %s returning id", (assistant["id"], thread))
+    async with running_worker(worker_settings(simulator.base_url), db_url):
+        message = await say(db_url, user, thread, "How do I reset my password?")
+        [run] = await finished_runs(db_url, 1)
+    assert (run["status"], run["attempts"]) == ("completed", 1)
+    [reply] = await query(db_url, "select metadata_json from assistant_messages where reply_to = %s", (message,))
+    assert reply["metadata_json"]["knowledge_error"] == "retrieval_failed"

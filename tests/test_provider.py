@@ -21,6 +21,7 @@ from worker.app import replicate_http
 from worker.config import DEFAULT_CHAT_MODEL, DEFAULT_VISION_MODEL, Settings
 from worker.prompts import build_request
 from worker.provider import (
+    Prediction,
     PredictionHandle,
     ProviderError,
     ReplicateClient,
@@ -444,3 +445,51 @@ async def test_a_read_that_hangs_ends_at_the_predictions_deadline(stub: Replicat
 ])
 def test_the_seconds_a_prediction_ran_come_from_its_timestamps(prediction: dict, seconds: float | None) -> None:
     assert active_seconds(prediction) == seconds
+
+
+async def test_a_prediction_that_ended_by_its_deadline_is_not_thrown_away(stub: ReplicateStub) -> None:
+    # It succeeded between the last read and the deadline: the cancel answers it succeeded.
+    stub.post(CHAT_PATH).respond(201, json=prediction("processing", output=[]))
+    stub.get("/v1/predictions/p1").always(Reply(200, json=prediction("processing", output=[])))
+    cancel = stub.post("/v1/predictions/p1/cancel").respond(200, json=prediction())
+    result = await predict(settings(stub, prediction_timeout_seconds=0.3))
+    assert result.text == "Navy goes with camel." and result.input_tokens == 40 and cancel.call_count == 1
+
+
+@pytest.mark.parametrize("urls", [["https://x"], "https://x", 5, None])
+async def test_urls_that_are_no_object_fall_back_to_polling(stub: ReplicateStub, urls: Any) -> None:
+    stub.post(CHAT_PATH).respond(201, json=prediction("processing", output=[], urls=urls))
+    poll = stub.get("/v1/predictions/p1").side_effect(Reply(200, json=prediction()))
+    result = await predict(settings(stub), on_text=lambda _: asyncio.sleep(0), slept=[])
+    assert result.text == "Navy goes with camel." and poll.call_count == 1
+
+
+async def test_an_unforeseen_error_after_the_create_cancels_the_prediction(stub: ReplicateStub, monkeypatch) -> None:
+    stub.post(CHAT_PATH).respond(201, json=prediction("processing", output=[]))
+    cancel = stub.post("/v1/predictions/p1/cancel").respond(200, json=prediction("canceled", output=[]))
+
+    async def broken(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ReplicateClient, "_stream", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        await predict(settings(stub), on_text=lambda _: asyncio.sleep(0), slept=[])
+    assert cancel.call_count == 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -50, 3_000_000_000, True, "40", None])
+def test_metrics_that_cannot_be_counts_count_as_absent(value: Any) -> None:
+    reported = Prediction("p1", "", {"input_token_count": value, "output_token_count": value, "predict_time": value,
+                                     "time_to_first_token": value})
+    assert (reported.input_tokens, reported.output_tokens, reported.predict_time) == (None, None, None)
+    assert Prediction("p1", "", {"input_token_count": 40.0, "predict_time": 0.5}).input_tokens == 40
+
+
+async def test_a_reply_with_nul_characters_is_written_without_them(stub: ReplicateStub) -> None:
+    stub.post(CHAT_PATH).respond(201, json=prediction(output=["Na\u0000vy", "\u0000"]))
+    assert (await predict(settings(stub))).text == "Navy"
+
+
+async def test_an_lf_chunk_ending_a_crlf_leaves_the_blank_line_after_it() -> None:
+    assert await events_of(b"event: output\r\ndata: a\r", b"\n", b"\nevent: output\r\ndata: b\r\n\n") == [
+        ("output", "a"), ("output", "b")]

@@ -357,8 +357,11 @@ class Worker:
         except Exception as exc:
             log.exception("run crashed", extra={"event": "run.crashed", "run_id": str(run.run_id)})
             error = ProviderError("internal_error", f"{type(exc).__name__}: {exc}"[:500], retryable=True)
-            with contextlib.suppress(Exception):
+            try:
                 await self._fail(run, request, error, handle)
+            except Exception as again:  # the run waits for its lease to run out, then is taken over
+                log.warning("recording a crashed run failed", extra={"event": "run.fail_record_failed",
+                                                                      "run_id": str(run.run_id), "error": str(again)[:200]})
         finally:
             lease.cancel()
 
@@ -465,8 +468,9 @@ class Worker:
         try:
             return await retrieve(self.store, self.embedder, self.settings, run.content, assistant_id=assistant.id,
                                   user_id=run.user_id, run_id=run.run_id), None
-        except (ProviderError, StoreUnavailable) as exc:
-            code = exc.code if isinstance(exc, ProviderError) else "store_unavailable"
+        except Exception as exc:  # a refusal, an outage, an embedding the database cannot take …
+            code = (exc.code if isinstance(exc, ProviderError) else
+                    "store_unavailable" if isinstance(exc, StoreUnavailable) else "retrieval_failed")
             log.warning("retrieval failed", extra={"event": "knowledge.failed", "run_id": str(run.run_id), "error_code": code})
             return [], code
 
@@ -563,7 +567,13 @@ class Worker:
         model = request.model.slug if request else "unknown"
         # A prediction that ran (and failed, hit the deadline or answered with an unusable output)
         # is paid for: recorded on the attempt's event and the cost metric, not the user's usage.
-        consumed = self._consumed(run, request, handle) if handle is not None and handle.prediction_id else None
+        consumed = None
+        if handle is not None and handle.prediction_id:
+            try:
+                consumed = self._consumed(run, request, handle)
+            except Exception as exc:  # the failure is recorded all the same, without what it consumed
+                log.warning("pricing a failed attempt failed", extra={"event": "run.consumed_unknown",
+                                                                      "run_id": str(run.run_id), "error": repr(exc)[:200]})
         retry_in = error.retry_after
         if retry_in is None:  # exponential backoff: base, 2 x base, 4 x base … up to the cap
             retry_in = min(self.settings.worker_retry_max_seconds,

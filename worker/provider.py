@@ -18,6 +18,7 @@ import contextlib
 import email.utils
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
@@ -57,6 +58,19 @@ class ProviderError(Exception):
         self.request_sent = request_sent
 
 
+MAX_COUNT = 2**31 - 1  # the database's integer
+MAX_SECONDS = 7 * 86400.0
+
+
+def metric(value: Any, most: float) -> float | None:
+    """A number Replicate reported, if it is one that can be: finite, not negative, at most
+    `most` (JSON's NaN, Infinity, 1e400, a negative or huge count are no counts)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) and 0 <= number <= most else None
+
+
 @dataclass
 class Prediction:
     id: str
@@ -67,18 +81,17 @@ class Prediction:
 
     @property
     def input_tokens(self) -> int | None:
-        value = self.metrics.get("input_token_count")
-        return int(value) if isinstance(value, (int, float)) else None
+        value = metric(self.metrics.get("input_token_count"), MAX_COUNT)
+        return None if value is None else int(value)
 
     @property
     def output_tokens(self) -> int | None:
-        value = self.metrics.get("output_token_count")
-        return int(value) if isinstance(value, (int, float)) else None
+        value = metric(self.metrics.get("output_token_count"), MAX_COUNT)
+        return None if value is None else int(value)
 
     @property
     def predict_time(self) -> float | None:
-        value = self.metrics.get("predict_time")
-        return float(value) if isinstance(value, (int, float)) else None
+        return metric(self.metrics.get("predict_time"), MAX_SECONDS)
 
 
 @dataclass
@@ -123,7 +136,7 @@ def active_seconds(prediction: Mapping[str, Any]) -> float | None:
     try:
         started = datetime.fromisoformat(str(prediction["started_at"]))
         ended = datetime.fromisoformat(str(prediction["completed_at"]))
-        return max(0.0, (ended - started).total_seconds())
+        return min(max(0.0, (ended - started).total_seconds()), MAX_SECONDS)
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -209,8 +222,10 @@ async def _line_blocks(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[str]]
     parts: list[bytes] = []  # an unfinished line
     held, after_cr, first = 0, False, True
     async for chunk in chunks:
-        if after_cr and chunk[:1] == b"\n":
-            chunk = chunk[1:]
+        if after_cr:  # this chunk's first LF, if any, ends the CR that ended the last chunk
+            after_cr = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
         if not chunk:
             continue
         cut = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1
@@ -457,7 +472,8 @@ class ReplicateClient:
         deadline = started + self.settings.prediction_timeout_seconds
         delay = 0.1
         try:
-            stream_url = (prediction.get("urls") or {}).get("stream") if on_text else None
+            urls = prediction.get("urls")
+            stream_url = urls.get("stream") if on_text and isinstance(urls, dict) else None
             if isinstance(stream_url, str) and stream_url.startswith(("https://", "http://")) \
                     and prediction["status"] not in TERMINAL:
                 if await self._stream(stream_url, token, on_text, handle, started):  # type: ignore[arg-type]
@@ -466,6 +482,9 @@ class ReplicateClient:
             while prediction["status"] not in TERMINAL:
                 if time.monotonic() >= deadline:
                     handle.last = await self.cancel(prediction_id, token) or handle.last
+                    if handle.last.get("status") == "succeeded":  # it ended meanwhile: not thrown away
+                        prediction = handle.last
+                        break
                     raise ProviderError("timeout", f"prediction did not finish in {self.settings.prediction_timeout_seconds:g}s",
                                         retryable=True)
                 await self.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -480,6 +499,11 @@ class ReplicateClient:
             if exc.code != "timeout" and handle.last.get("status") not in TERMINAL:
                 # best effort: the attempt gives the prediction up, so nobody pays for it
                 handle.last = await asyncio.shield(self.cancel(prediction_id, token)) or handle.last
+            raise
+        except Exception:  # a bug, or an answer no code foresaw: the attempt fails, the prediction must not run on
+            if handle.last.get("status") not in TERMINAL:
+                with contextlib.suppress(Exception):
+                    handle.last = await asyncio.shield(self.cancel(prediction_id, token)) or handle.last
             raise
         status = prediction["status"]
         if status != "succeeded":
@@ -527,11 +551,13 @@ class ReplicateClient:
         except ProviderError as exc:
             exc.prediction_id = prediction_id
             raise
+        text = text.replace("\x00", "")  # PostgreSQL text cannot hold NUL (a byte-fallback token can be one)
         if not text.strip():
             raise ProviderError("invalid_output", "the model returned an empty reply", retryable=True,
                                 prediction_id=prediction_id)
         metrics = prediction.get("metrics") if isinstance(prediction.get("metrics"), dict) else {}
         first_token = handle.time_to_first_token_ms
-        if first_token is None and isinstance(metrics.get("time_to_first_token"), (int, float)):
-            first_token = int(metrics["time_to_first_token"] * 1000)
+        reported = metric(metrics.get("time_to_first_token"), MAX_SECONDS)
+        if first_token is None and reported is not None:
+            first_token = int(reported * 1000)
         return Prediction(prediction_id, text, metrics, latency_ms, first_token)
