@@ -225,6 +225,28 @@ def test_failing_the_same_attempt_again_gives_the_same_answer(conn, owner, threa
     assert conn.execute("select count(*) from assistant_messages where reply_to = %s", (run["message_id"],)).fetchone()[0] == 1
 
 
+@pytest.mark.parametrize("ending", ["fail", "release"])
+def test_a_run_cancelled_while_its_attempt_fails_or_is_given_back_is_not_queued_again(conn, owner, thread,
+                                                                                      ending: str) -> None:
+    """cancel_run flags a run in progress; if its attempt then fails (retryably) or is given back at
+    shutdown before the worker acted on the flag, the run ends cancelled: no new prediction."""
+    say(conn, owner, thread)
+    [run] = claim(conn)
+    with request(conn, postgrest.user("owner", owner), commit=True) as cur:
+        assert cur.execute("select cancel_run(%s)", (run["run_id"],)).fetchone()[0] == "cancelling"
+    if ending == "fail":
+        assert fail(conn, run, p_retry_in_seconds=0) == "cancelled"
+        assert fail(conn, run, p_retry_in_seconds=0) == "cancelled"  # the same call again: the same answer
+    else:
+        assert conn.execute("select release_run(%s, 'w1', %s)", (run["run_id"], run["attempt"])).fetchone()[0] is True
+    row = run_row(conn, run["run_id"])
+    assert (row["status"], row["last_error_code"], row["lease_owner"]) == ("cancelled", "cancelled", None)
+    assert claim(conn) == []
+    events = conn.execute("select attempt, status from assistant_inference_events where run_id = %s",
+                          (run["run_id"],)).fetchall()
+    assert events == [(1, "failed" if ending == "fail" else "cancelled")]
+
+
 def test_a_late_failure_of_an_attempt_number_given_back_by_a_release_is_superseded(conn, owner, thread) -> None:
     """A release counts its attempt back, so a late worker's attempt number can be the run's
     again: its first report still does not read as news."""

@@ -587,6 +587,9 @@ class Worker:
         self.metrics.failed.labels(error.code).inc()
         if status == "failed":  # this attempt ended the run
             self.metrics.runs_failed.labels(error.code).inc()
+        elif status == "cancelled":  # its user cancelled it meanwhile: ended, not tried again
+            self.counts["cancelled"] += 1
+            self.metrics.cancelled.inc()
         elif status == "superseded":  # the run went on without this attempt (its lease ran out, say)
             self.counts["superseded"] += 1
         log.warning("run attempt failed", extra={"event": "run.failed", "run_id": str(run.run_id),

@@ -125,8 +125,9 @@ class RunStore(ABC):
     async def fail(self, run: ClaimedRun, *, code: str, error: str, retryable: bool, retry_in: float | None,
                    model: str, prediction_id: str | None, latency_ms: int | None,
                    consumed: dict[str, Any] | None = None) -> str:
-        """'queued' (to be tried again), 'failed' (this attempt ended the run) or 'superseded'
-        (the run went on without this attempt: taken over, completed, cancelled or ended).
+        """'queued' (to be tried again), 'failed' (this attempt ended the run), 'cancelled' (its
+        user cancelled it meanwhile: ended so) or 'superseded' (the run went on without this
+        attempt: taken over, completed, cancelled or ended).
         `consumed`: what the attempt's prediction consumed (input_tokens, output_tokens,
         cost_usd), recorded on its event (see the migration 20261123000600)."""
         return str(await self.call("fail_attempt", {
