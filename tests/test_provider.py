@@ -493,3 +493,7 @@ async def test_a_reply_with_nul_characters_is_written_without_them(stub: Replica
 async def test_an_lf_chunk_ending_a_crlf_leaves_the_blank_line_after_it() -> None:
     assert await events_of(b"event: output\r\ndata: a\r", b"\n", b"\nevent: output\r\ndata: b\r\n\n") == [
         ("output", "a"), ("output", "b")]
+
+
+async def test_an_empty_chunk_between_the_cr_and_the_lf_of_a_crlf_changes_nothing() -> None:
+    assert await events_of(b"event: output\r", b"", b"\ndata: a\r\n\r\n") == [("output", "a")]

@@ -222,12 +222,14 @@ async def _line_blocks(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[str]]
     parts: list[bytes] = []  # an unfinished line
     held, after_cr, first = 0, False, True
     async for chunk in chunks:
+        if not chunk:
+            continue
         if after_cr:  # this chunk's first LF, if any, ends the CR that ended the last chunk
             after_cr = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
-        if not chunk:
-            continue
+                if not chunk:
+                    continue
         cut = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1
         if not cut:
             parts.append(chunk)
