@@ -422,8 +422,7 @@ class Worker:
         else:
             self.counts["cancelled"] += 1
             self.metrics.cancelled.inc()
-            if consumed["cost_usd"] is not None:
-                self.metrics.cost.labels(consumed["model"]).inc(consumed["cost_usd"])
+            self._paid(consumed)
             log.info("run cancelled", extra={"event": "run.cancelled", "run_id": str(run.run_id),
                                              "prediction_id": handle.prediction_id})
         if handle.settling is None or consumed["prediction_id"] is not None:
@@ -443,8 +442,8 @@ class Worker:
                 "event": "run.cancel_record_failed", "run_id": str(run.run_id),
                 "prediction_id": late["prediction_id"], "error": str(exc)[:200]})
             return
-        if recorded and late["cost_usd"] is not None:
-            self.metrics.cost.labels(late["model"]).inc(late["cost_usd"])
+        if recorded:
+            self._paid(late)
 
     async def _record_orphaned(self, run: ClaimedRun, consumed: dict[str, Any]) -> None:
         """Charges what the prediction of a run deleted meanwhile consumed (once per prediction)."""
@@ -457,7 +456,12 @@ class Worker:
                 "event": "run.gone_record_failed", "run_id": str(run.run_id),
                 "prediction_id": consumed["prediction_id"], "error": str(exc)[:200]})
             return
-        if recorded and consumed["cost_usd"] is not None:
+        if recorded:
+            self._paid(consumed)
+
+    def _paid(self, consumed: dict[str, Any] | None) -> None:
+        """The cost metric counts what a prediction consumed (a `_consumed` record), once it is recorded."""
+        if consumed is not None and consumed["cost_usd"] is not None:
             self.metrics.cost.labels(consumed["model"]).inc(consumed["cost_usd"])
 
     async def _knowledge(self, run: ClaimedRun, assistant: Assistant) -> tuple[list[KnowledgeChunk], str | None]:
@@ -581,8 +585,7 @@ class Worker:
         status = await self._store_call(lambda: self.store.fail(
             run, code=error.code, error=error.message, retryable=error.retryable, retry_in=retry_in,
             model=model, prediction_id=error.prediction_id, latency_ms=None, consumed=consumed))
-        if consumed is not None and consumed["cost_usd"] is not None:
-            self.metrics.cost.labels(model).inc(consumed["cost_usd"])
+        self._paid(consumed)
         self.counts[f"failed.{error.code}"] += 1
         self.metrics.failed.labels(error.code).inc()
         if status == "failed":  # this attempt ended the run

@@ -10,6 +10,12 @@
 -- cost_usd) and writes it on the attempt's failed event. It is not added to the user's usage
 -- (ai_usage_windows): the quotas count what users were given, and a provider's failure is the
 -- operator's cost, not the user's. The event is still recorded once per run and attempt.
+--
+-- A cancellation that comes while an attempt fails ends the run cancelled: cancel_run on a run
+-- in progress only flags it, and a retryable failure reported before the worker acted on the
+-- flag queued the run again, flag and all, to be claimed and paid for anew. fail_attempt records
+-- the failed attempt as before, then ends a flagged run cancelled (finish_cancelled) and answers
+-- 'cancelled' (20261123000900 does the same for release_run).
 
 drop function public.fail_attempt(uuid, integer, text, text, boolean, double precision, text, text, text, integer);
 
@@ -63,9 +69,18 @@ begin
        and run.last_error_code is not distinct from p_error_code then
       return run.status;
     end if;
+    if recorded = 0 and run.attempts = p_attempt and run.status = 'cancelled' and run.cancel_requested_at is not null then
+      return 'cancelled';
+    end if;
     -- The run moved on without this attempt: another attempt took it over, completed it or
     -- failed it, its lease ran out on the last attempt, or its user cancelled it.
     return 'superseded';
+  end if;
+
+  if run.cancel_requested_at is not null then
+    -- Its user cancelled it while this attempt was failing: ended, not tried again.
+    perform public.finish_cancelled(p_run_id, null);
+    return 'cancelled';
   end if;
 
   if p_retryable and run.attempts < run.max_attempts then
