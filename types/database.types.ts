@@ -81,6 +81,7 @@ export type Database = {
           created_at: string
           description: string
           id: string
+          max_open_requests: number | null
           name: string
           uses_own_key: boolean
         }
@@ -88,6 +89,7 @@ export type Database = {
           created_at?: string
           description?: string
           id: string
+          max_open_requests?: number | null
           name: string
           uses_own_key?: boolean
         }
@@ -95,6 +97,7 @@ export type Database = {
           created_at?: string
           description?: string
           id?: string
+          max_open_requests?: number | null
           name?: string
           uses_own_key?: boolean
         }

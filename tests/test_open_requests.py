@@ -1,0 +1,154 @@
+"""The cap on open requests (migration 20261123001000): a client cannot queue more messages than
+its plan allows to wait for a reply at once; the refusal is SQLSTATE PT429 (HTTP 429 through
+PostgREST), says why, and stores nothing. A burst from two connections cannot both take the last
+place."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import psycopg
+import psycopg.errors
+import pytest
+
+from tests import postgrest
+from tests.postgrest import create_user, request
+from tests.supabase_emulator import pg_error_status
+
+
+def _thread(conn: psycopg.Connection, user: uuid.UUID) -> uuid.UUID:
+    return conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (user,)).fetchone()[0]
+
+
+def _ask(conn: psycopg.Connection, user: uuid.UUID, thread: uuid.UUID, content: str = "hello?") -> uuid.UUID:
+    with request(conn, postgrest.user("u", user), commit=True) as cur:
+        return cur.execute("insert into assistant_messages (thread_id, role, content) values (%s, 'user', %s)"
+                           " returning id", (thread, content)).fetchone()[0]
+
+
+def _messages(conn: psycopg.Connection, user: uuid.UUID) -> int:
+    return conn.execute("select count(*) from assistant_messages where user_id = %s", (user,)).fetchone()[0]
+
+
+def _too_many() -> pytest.RaisesContext:
+    """The refusal: psycopg has no class of its own for PostgREST's custom SQLSTATEs."""
+    return pytest.raises(psycopg.Error, match="messages waiting for a reply")
+
+
+def _cap(conn: psycopg.Connection, plan: str) -> int | None:
+    return conn.execute("select max_open_requests from ai_plans where id = %s", (plan,)).fetchone()[0]
+
+
+@pytest.mark.parametrize(("plan", "anonymous"), [(None, True), (None, False), ("premium", False), ("byok", False)])
+def test_a_client_cannot_queue_more_than_its_plan_allows(conn: psycopg.Connection, plan: str | None,
+                                                         anonymous: bool) -> None:
+    user = create_user(conn, is_anonymous=anonymous, plan=plan)
+    cap = _cap(conn, plan or ("guest" if anonymous else "free"))
+    assert cap is not None and cap >= 1
+    thread = _thread(conn, user)
+    for k in range(cap):
+        _ask(conn, user, thread, f"question {k}")
+
+    with _too_many() as refusal:
+        _ask(conn, user, thread, "one too many")
+    error = refusal.value.diag
+    assert refusal.value.sqlstate == error.sqlstate == "PT429" and pg_error_status(error.sqlstate, authed=True) == 429
+    assert f"you have {cap} messages waiting for a reply" in str(refusal.value)
+    assert error.message_detail == f"open requests: {cap}, limit: {cap}"
+    assert "wait for a reply" in (error.message_hint or "")
+    assert _messages(conn, user) == cap  # nothing of the refused message was stored
+    assert conn.execute("select count(*) from assistant_runs where user_id = %s", (user,)).fetchone()[0] == cap
+
+
+def test_a_place_frees_when_a_request_ends(conn: psycopg.Connection) -> None:
+    user = create_user(conn, plan="free")
+    cap = _cap(conn, "free")
+    thread = _thread(conn, user)
+    asked = [_ask(conn, user, thread) for _ in range(cap)]
+    with _too_many():
+        _ask(conn, user, thread)
+
+    # One ends (completed, failed, blocked or cancelled all leave the count); one is in progress.
+    conn.execute("update assistant_runs set status = 'cancelled', finished_at = now() where message_id = %s",
+                 (asked[0],))
+    conn.execute("update assistant_runs set status = 'in_progress', lease_owner = 'w', attempts = 1,"
+                 " lease_expires_at = now() + interval '1 minute' where message_id = %s", (asked[1],))
+    _ask(conn, user, thread, "now there is room")
+    with _too_many():  # an in-progress run still counts
+        _ask(conn, user, thread)
+    assert _messages(conn, user) == cap + 1
+
+
+def test_server_writes_and_uncapped_plans_are_not_limited(conn: psycopg.Connection) -> None:
+    capped = create_user(conn, plan="guest")
+    thread = _thread(conn, capped)
+    for _ in range(_cap(conn, "guest") + 3):  # the service role (an import, a server-side agent) is not capped
+        with request(conn, postgrest.service(), commit=True) as cur:
+            cur.execute("insert into assistant_messages (thread_id, role, content) values (%s, 'user', 'q')", (thread,))
+
+    uncapped = create_user(conn, plan="unlimited")  # a plan with a null cap, like plans made before the cap
+    assert _cap(conn, "unlimited") is None
+    other = _thread(conn, uncapped)
+    for _ in range(20):
+        _ask(conn, uncapped, other)
+    assert _messages(conn, uncapped) == 20
+
+
+def test_the_cap_must_be_positive(conn: psycopg.Connection) -> None:
+    with pytest.raises(psycopg.errors.CheckViolation, match="ai_plans_max_open_requests_positive"):
+        conn.execute("update ai_plans set max_open_requests = 0 where id = 'free'")
+
+
+def test_a_guard_refusal_keeps_its_own_reason(conn: psycopg.Connection) -> None:
+    """A user at the cap who also breaks a rule of the guard hears the rule first."""
+    user = create_user(conn, plan="guest")
+    thread = _thread(conn, user)
+    for _ in range(_cap(conn, "guest")):
+        _ask(conn, user, thread)
+    with request(conn, postgrest.user("u", user)) as cur, pytest.raises(psycopg.errors.InsufficientPrivilege,
+                                                                        match="only write messages with role 'user'"):
+        cur.execute("insert into assistant_messages (thread_id, role, content) values (%s, 'assistant', 'x')", (thread,))
+
+
+def _wait_for_lock_wait(conn: psycopg.Connection, pid: int) -> None:
+    """Until backend `pid` waits on a lock (bounded: the test fails if it never does)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        waiting = conn.execute("select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
+                               (pid,)).fetchone()
+        if waiting and waiting[0]:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"backend {pid} never waited for the lock")
+
+
+def test_two_concurrent_inserts_cannot_both_take_the_last_place(conn: psycopg.Connection, db_url: str) -> None:
+    user = create_user(conn, plan="free")
+    cap = _cap(conn, "free")
+    thread = _thread(conn, user)
+    for _ in range(cap - 1):
+        _ask(conn, user, thread)
+
+    with psycopg.connect(db_url, autocommit=True) as first, psycopg.connect(db_url, autocommit=True) as second:
+        second_pid = second.info.backend_pid
+        outcome: dict[str, BaseException | None] = {}
+        with request(first, postgrest.user("u", user), commit=True) as cur:
+            cur.execute("insert into assistant_messages (thread_id, role, content) values (%s, 'user', 'a')", (thread,))
+
+            def ask_second() -> None:
+                try:
+                    _ask(second, user, thread, "b")
+                    outcome["second"] = None
+                except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+                    outcome["second"] = exc
+
+            racer = threading.Thread(target=ask_second)
+            racer.start()
+            _wait_for_lock_wait(conn, second_pid)  # the second insert waits for the first to commit
+        racer.join(timeout=10)
+        assert not racer.is_alive()
+    refused = outcome["second"]
+    assert isinstance(refused, psycopg.Error) and refused.sqlstate == "PT429", outcome
+    assert _messages(conn, user) == cap
