@@ -281,3 +281,94 @@ async def test_unregistered_action_types_are_not_stored(db_url, simulator) -> No
         await say(db_url, user, thread, "go")
         await finished_runs(db_url, 1)
     assert await query(db_url, "select * from assistant_action_requests") == []
+
+
+def test_a_withdrawn_assistant_takes_no_new_message(conn) -> None:
+    """A thread whose assistant was deactivated (for everyone) or made members-only (for guests)
+    takes no new message; it can be moved to an offered assistant and then goes on."""
+    q = lambda sql, *p: conn.execute(sql, p).fetchone()[0]  # noqa: E731
+    shop = q("insert into assistants (slug, name) values ('shop', 'Shop') returning id")
+    tutor = q("insert into assistants (slug, name) values ('tutor', 'Tutor') returning id")
+    member, guest = create_user(conn), create_user(conn, is_anonymous=True)
+    as_guest, as_member = postgrest.user("g", guest, is_anonymous=True), postgrest.user("m", member)
+    member_thread = q("insert into assistant_threads (user_id, assistant_id) values (%s, %s) returning id", member, shop)
+    guest_thread = q("insert into assistant_threads (user_id, assistant_id) values (%s, %s) returning id", guest, tutor)
+    ask = "insert into assistant_messages (thread_id, role, content) values (%s, 'user', 'hi') returning id"
+    with request(conn, as_member, commit=True) as cur:
+        cur.execute(ask, (member_thread,))
+    with request(conn, as_guest, commit=True) as cur:
+        cur.execute(ask, (guest_thread,))
+
+    conn.execute("update assistants set is_active = false where id = %s", (shop,))
+    conn.execute("update assistants set offered_to = 'members' where id = %s", (tutor,))
+    for actor, thread in [(as_member, member_thread), (as_guest, guest_thread)]:
+        with request(conn, actor) as cur, pytest.raises(psycopg.errors.InsufficientPrivilege) as refusal:
+            cur.execute(ask, (thread,))
+        assert f"the assistant of thread {thread} is no longer available to you" in str(refusal.value)
+        assert "move the thread to another assistant" in refusal.value.diag.message_hint
+    member_on_tutor = q("insert into assistant_threads (user_id, assistant_id) values (%s, %s) returning id",
+                        member, tutor)
+    with request(conn, as_member, commit=True) as cur:  # members-only still answers members
+        cur.execute(ask, (member_on_tutor,))
+        cur.execute("update assistant_threads set assistant_id = null where id = %s", (member_thread,))
+        cur.execute(ask, (member_thread,))  # moved to the default: goes on
+    assert q("select count(*) from assistant_messages where role = 'user'") == 4
+
+
+def test_withdrawing_an_assistant_ends_the_requests_queued_for_it(conn) -> None:
+    q = lambda sql, *p: conn.execute(sql, p).fetchone()[0]  # noqa: E731
+    shop = q("insert into assistants (slug, name) values ('shop2', 'Shop') returning id")
+    tutor = q("insert into assistants (slug, name) values ('tutor2', 'Tutor') returning id")
+    member, guest = create_user(conn), create_user(conn, is_anonymous=True)
+    asked: dict[str, Any] = {}
+    for name, user, assistant in [("member_shop", member, shop), ("guest_shop", guest, shop),
+                                  ("member_tutor", member, tutor), ("guest_tutor", guest, tutor)]:
+        thread = q("insert into assistant_threads (user_id, assistant_id) values (%s, %s) returning id", user, assistant)
+        with request(conn, postgrest.user(name, user, is_anonymous=user == guest), commit=True) as cur:
+            asked[name] = cur.execute("insert into assistant_messages (thread_id, role, content) values (%s, 'user', 'hi')"
+                                      " returning id", (thread,)).fetchone()[0]
+    # One of the shop's runs is being answered: it finishes, it was admitted while offered.
+    conn.execute("update assistant_runs set status = 'in_progress', attempts = 1, lease_owner = 'w',"
+                 " lease_expires_at = now() + interval '1 minute' where message_id = %s", (asked["member_shop"],))
+
+    conn.execute("update assistants set offered_to = 'members' where id = %s", (tutor,))
+    conn.execute("update assistants set is_active = false where id = %s", (shop,))
+
+    def outcome(name: str) -> tuple:
+        return conn.execute("""
+            select r.status, r.last_error_code, m.content, e.status, e.error_code, e.model
+              from assistant_runs r
+              left join assistant_messages m on m.reply_to = r.message_id
+              left join assistant_inference_events e on e.run_id = r.id
+             where r.message_id = %s""", (asked[name],)).fetchone()
+
+    withdrawn = ("failed", "assistant_unavailable",
+                 "Sorry, this assistant is no longer available. Move the conversation to another assistant or start a new one.",
+                 "failed", "assistant_unavailable", "not_started")
+    assert outcome("guest_shop") == withdrawn
+    assert outcome("guest_tutor") == withdrawn
+    assert outcome("member_tutor")[:2] == ("queued", None)  # members-only still answers members
+    assert outcome("member_shop")[:2] == ("in_progress", None)
+    # Changing anything else of an inactive assistant ends nothing more (and nothing twice).
+    conn.execute("update assistants set name = 'Old shop' where id = %s", (shop,))
+    assert q("select count(*) from assistant_inference_events") == 2
+
+
+async def test_the_worker_refuses_a_run_of_an_inactive_assistant(db_url, simulator) -> None:
+    """A run that came back to the queue after its assistant was deactivated (its attempt was
+    in progress then) is not sent to the model."""
+    assistant = await make_assistant(db_url, slug="gone", name="Gone")
+    user, _ = await new_user_thread(db_url)
+    thread = await thread_with(db_url, user, assistant["id"])
+    message = await say(db_url, user, thread, "still there?")
+    await query(db_url, "update assistant_runs set status = 'in_progress', attempts = 1, lease_owner = 'w',"
+                        " lease_expires_at = now() + interval '1 minute' where message_id = %s returning id", (message,))
+    await query(db_url, "update assistants set is_active = false where id = %s returning id", (assistant["id"],))
+    await query(db_url, "update assistant_runs set status = 'queued', lease_owner = null, lease_expires_at = null"
+                        " where message_id = %s returning id", (message,))  # as fail_attempt gives it back
+    async with running_worker(worker_settings(simulator.base_url), db_url):
+        [run] = await finished_runs(db_url, 1)
+    assert (run["status"], run["last_error_code"]) == ("failed", "assistant_unavailable")
+    assert simulator.creates == []
+    [reply] = await query(db_url, "select content from assistant_messages where reply_to = %s", (message,))
+    assert reply["content"].startswith("Sorry, this assistant is no longer available.")

@@ -304,6 +304,11 @@ class Worker:
         try:
             assistant = Assistant.from_row(run.assistant, self.settings)
             try:
+                if run.assistant and run.assistant.get("is_active") is False:
+                    # Deactivated after this run was queued, and the run came back to the queue
+                    # (a failed attempt): withdrawing it ended the runs queued then, not this one.
+                    raise ProviderError("assistant_unavailable", f"assistant {run.assistant.get('slug')} is inactive",
+                                        retryable=False)
                 image = await self.images.model_url(run.image_url, run.user_id) if run.image_url else None
                 knowledge, knowledge_error = await self._knowledge(run, assistant)
                 request = build_request(self.settings, run.history, run.content, image, assistant=assistant,
