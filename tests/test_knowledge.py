@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from tests.conftest import PROJECT_DIR
-from tests.pipeline_helpers import finished_runs, new_user_thread, query, running_worker, say, worker_settings
+from tests.pipeline_helpers import as_user, finished_runs, new_user_thread, query, running_worker, say, worker_settings
 from worker.app import replicate_http
 from worker.knowledge import Embedder, chunk_text, ingest, retrieve
 from worker.provider import ReplicateClient
@@ -171,7 +171,7 @@ async def test_a_retrieval_the_database_refuses_leaves_the_reply_without_knowled
     reply's failure: it is answered without knowledge, and the reason kept."""
     import worker.knowledge
 
-    async def nan_vectors(self, texts):  # what a model answering NaN gives, parsed by the standard library
+    async def nan_vectors(self, texts, token=None):  # what a model answering NaN gives, parsed by the standard library
         return [[float("nan")] * 768 for _ in texts]
 
     monkeypatch.setattr(worker.knowledge.Embedder, "embed", nan_vectors)
@@ -186,3 +186,35 @@ async def test_a_retrieval_the_database_refuses_leaves_the_reply_without_knowled
     assert (run["status"], run["attempts"]) == ("completed", 1)
     [reply] = await query(db_url, "select metadata_json from assistant_messages where reply_to = %s", (message,))
     assert reply["metadata_json"]["knowledge_error"] == "retrieval_failed"
+
+
+async def test_a_byok_users_lookup_is_embedded_on_their_own_token(db_url, simulator, corpus: Path) -> None:
+    """Every prediction of a BYOK request runs on the user's token, the query's embedding too:
+    the operator's account pays for none of it (and a user without a working token gets no
+    lookups on the operator's account)."""
+    from cryptography.fernet import Fernet
+
+    await ingest_corpus(db_url, simulator, [corpus])  # the operator's documents, on the operator's token
+    own_token = "r8_UserOwnToken0123456789abcdefghijkl"
+    own = ReplicateSimulator(latency=0.02, token=own_token)  # accepts only the user's token
+    await own.start()
+    try:
+        [assistant] = await query(db_url, "insert into assistants (slug, name, features) values"
+                                          " ('helpdesk', 'Helpdesk', '{knowledge_base}') returning id")
+        user, thread = await new_user_thread(db_url, plan="byok")
+        await query(db_url, "update assistant_threads set assistant_id = %s where id = %s returning id",
+                    (assistant["id"], thread))
+        await as_user(db_url, user, "select set_my_replicate_token(%s)", (own_token,))
+        settings = worker_settings(own.base_url, replicate_api_token="r8_operator_token",
+                                   byok_encryption_key=Fernet.generate_key().decode())
+        async with running_worker(settings, db_url):
+            message = await say(db_url, user, thread, "How do I reset my password?")
+            [run] = await finished_runs(db_url, 1)
+    finally:
+        await own.stop()
+    assert run["status"] == "completed"
+    assert len(own.creates) == 2  # the embedding and the reply
+    assert {c.headers["Authorization"] for c in own.creates} == {f"Bearer {own_token}"}
+    [reply] = await query(db_url, "select metadata_json from assistant_messages where reply_to = %s", (message,))
+    assert "knowledge_error" not in reply["metadata_json"]
+    assert reply["metadata_json"]["knowledge"][0]["source"].endswith("security.md")

@@ -31,11 +31,11 @@ class Embedder:
         self.provider = provider
         self.settings = settings
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        """One embedding per text, in order, in one prediction."""
+    async def embed(self, texts: list[str], token: str | None = None) -> list[list[float]]:
+        """One embedding per text, in order, in one prediction (on `token`, else the operator's)."""
         model = self.settings.embedding_model
         model_input = fill_input(model.input, {"texts": json.dumps(texts), "text": texts[0] if len(texts) == 1 else None})
-        prediction, _ = await self.provider.run(model, model_input)
+        prediction, _ = await self.provider.run(model, model_input, token)
         vectors = self._vectors(prediction.get("output"))
         if len(vectors) != len(texts):
             raise ProviderError("invalid_output", f"{len(vectors)} embeddings for {len(texts)} texts", retryable=True)
@@ -64,9 +64,9 @@ class Embedder:
 
 
 async def retrieve(store: RunStore, embedder: Embedder, settings: Settings, query: str, *,
-                   assistant_id: str | None, user_id: uuid.UUID | None, run_id: uuid.UUID | None
-                   ) -> list[KnowledgeChunk]:
-    [vector] = await embedder.embed([query])
+                   assistant_id: str | None, user_id: uuid.UUID | None, run_id: uuid.UUID | None,
+                   token: str | None = None) -> list[KnowledgeChunk]:
+    [vector] = await embedder.embed([query], token)
     rows = await store.call("search_knowledge", {
         "p_query": query, "p_query_embedding": vector_literal(vector), "p_assistant_id": assistant_id,
         "p_user_id": user_id, "p_run_id": run_id, "p_match_threshold": settings.knowledge_match_threshold,

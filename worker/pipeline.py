@@ -310,14 +310,16 @@ class Worker:
                     raise ProviderError("assistant_unavailable", f"assistant {run.assistant.get('slug')} is inactive",
                                         retryable=False)
                 image = await self.images.model_url(run.image_url, run.user_id) if run.image_url else None
-                knowledge, knowledge_error = await self._knowledge(run, assistant)
+                # The user's own token, when the plan says so, pays for every prediction of the
+                # request, the knowledge lookup's embedding included.
+                token = await self.user_tokens.token_for(run.user_id) if run.uses_own_key else None
+                knowledge, knowledge_error = await self._knowledge(run, assistant, token)
                 request = build_request(self.settings, run.history, run.content, image, assistant=assistant,
                                         profile=run.profile, knowledge=knowledge,
                                         actions=[ActionSpec(t.name, t.description) for t in self.actions.types.values()])
                 # Only the prompt needed the history (50 messages as Python objects, about 20 KB): not
                 # held for the seconds the prediction takes, times the runs in flight.
                 run.history.clear()  # the run owns this list (ClaimedRun.from_row copies it)
-                token = await self.user_tokens.token_for(run.user_id) if run.uses_own_key else None
                 relay = (ReplyRelay(self.publisher, run.thread_id, run.run_id, run.message_id,
                                     self.settings.stream_publish_interval_ms / 1000) if self.publisher else None)
                 try:
@@ -469,14 +471,16 @@ class Worker:
         if consumed is not None and consumed["cost_usd"] is not None:
             self.metrics.cost.labels(consumed["model"]).inc(consumed["cost_usd"])
 
-    async def _knowledge(self, run: ClaimedRun, assistant: Assistant) -> tuple[list[KnowledgeChunk], str | None]:
-        """Retrieved chunks for an assistant with a knowledge base. A failed retrieval does not
-        fail the reply: it is answered without, and the reason is kept in its metadata."""
+    async def _knowledge(self, run: ClaimedRun, assistant: Assistant,
+                         token: str | None) -> tuple[list[KnowledgeChunk], str | None]:
+        """Retrieved chunks for an assistant with a knowledge base (the query embedded with
+        `token`: the user's own for BYOK, else the operator's). A failed retrieval does not fail
+        the reply: it is answered without, and the reason is kept in its metadata."""
         if "knowledge_base" not in assistant.features:
             return [], None
         try:
             return await retrieve(self.store, self.embedder, self.settings, run.content, assistant_id=assistant.id,
-                                  user_id=run.user_id, run_id=run.run_id), None
+                                  user_id=run.user_id, run_id=run.run_id, token=token), None
         except Exception as exc:  # a refusal, an outage, an embedding the database cannot take …
             code = (exc.code if isinstance(exc, ProviderError) else
                     "store_unavailable" if isinstance(exc, StoreUnavailable) else "retrieval_failed")
