@@ -102,6 +102,7 @@ def public_images(monkeypatch: pytest.MonkeyPatch) -> Iterator[respx.MockRouter]
     monkeypatch.setattr(attachments, "resolve_host", resolve)
     with respx.mock(assert_all_called=False, using="httpx") as router:  # any transport, aiohttp too
         router.route(host="127.0.0.1").pass_through()
-        router.head(host__regex=r".*\.example$").respond(200, headers={"content-type": "image/jpeg",
-                                                                          "content-length": "48213"})
+        # The check connects to the address it resolved, with the host name in Host and SNI.
+        router.head(host="93.184.216.34").respond(
+            200, headers={"content-type": "image/jpeg", "content-length": "48213"})
         yield router

@@ -4,13 +4,17 @@ the attachments bucket's policies acting as the Storage API does (role and JWT c
 from __future__ import annotations
 
 import json
+import ssl
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 import psycopg
 import psycopg.errors
 import pytest
 import respx
+import trustme
+from aiohttp import web
 
 from tests import postgrest
 from tests.pipeline_helpers import finished_runs, new_user_thread, query, say, wait_until, worker_settings
@@ -18,7 +22,7 @@ from tests.conftest import user_message
 from tests.postgrest import create_user, request
 from tests.supabase_emulator import SupabaseEmulator
 from tests.test_supabase_transport import start_worker, stop_worker, supabase_settings
-from worker.attachments import ImageRefused, ImageResolver
+from worker.attachments import ImageRefused, ImageResolver, head_pinned
 from worker.config import Settings
 from worker.store import PostgresStore
 
@@ -56,10 +60,9 @@ async def test_image_urls_are_refused_before_any_request(url: str, reason: str) 
                  "internal.example": ["172.16.5.4"], "rebind.example": ["93.184.216.34", "127.0.0.1"]}
     with respx.mock(assert_all_called=False) as router:
         head = router.head(url__regex=".*").respond(200, headers={"content-type": "image/png"})
-        async with httpx.AsyncClient() as http:
-            images = ImageResolver(Settings(), None, http, resolver=resolver_for(addresses))  # type: ignore[arg-type]
-            with pytest.raises(ImageRefused) as refusal:
-                await images.model_url(url, USER)
+        images = ImageResolver(Settings(), None, resolver=resolver_for(addresses))  # type: ignore[arg-type]
+        with pytest.raises(ImageRefused) as refusal:
+            await images.model_url(url, USER)
     assert reason in refusal.value.message and refusal.value.code == "invalid_image" and not refusal.value.retryable
     assert not head.called  # nothing was fetched from a refused address
 
@@ -73,21 +76,78 @@ async def test_image_urls_are_refused_before_any_request(url: str, reason: str) 
 ])
 async def test_https_images_are_checked_with_a_head_request(response: httpx.Response, reason: str) -> None:
     with respx.mock() as router:
-        router.head("https://images.example/a.png").mock(return_value=response)
-        async with httpx.AsyncClient() as http:
-            images = ImageResolver(Settings(), None, http,  # type: ignore[arg-type]
-                                   resolver=resolver_for({"images.example": ["93.184.216.34"]}))
-            with pytest.raises(ImageRefused, match=reason.replace("(", r"\(").replace(")", r"\)")):
-                await images.model_url("https://images.example/a.png", USER)
+        router.head("https://93.184.216.34/a.png").mock(return_value=response)
+        images = ImageResolver(Settings(), None,  # type: ignore[arg-type]
+                               resolver=resolver_for({"images.example": ["93.184.216.34"]}))
+        with pytest.raises(ImageRefused, match=reason.replace("(", r"\(").replace(")", r"\)")):
+            await images.model_url("https://images.example/a.png", USER)
 
 
 async def test_a_public_https_image_passes() -> None:
     with respx.mock() as router:
-        router.head("https://images.example/a.png").respond(200, headers={"content-type": "image/png", "content-length": "1000"})
-        async with httpx.AsyncClient() as http:
-            images = ImageResolver(Settings(), None, http,  # type: ignore[arg-type]
-                                   resolver=resolver_for({"images.example": ["93.184.216.34"]}))
-            assert await images.model_url("https://images.example/a.png", USER) == "https://images.example/a.png"
+        head = router.head("https://93.184.216.34:8443/a.png?size=2").respond(
+            200, headers={"content-type": "image/png", "content-length": "1000"})
+        images = ImageResolver(Settings(), None,  # type: ignore[arg-type]
+                               resolver=resolver_for({"images.example": ["93.184.216.34"]}))
+        url = "https://images.example:8443/a.png?size=2"
+        assert await images.model_url(url, USER) == url  # the model gets the URL as it was given
+    sent = head.calls.last.request
+    assert sent.headers["host"] == "images.example:8443" and sent.extensions["sni_hostname"] == "images.example"
+
+
+async def test_the_check_connects_to_the_address_it_checked() -> None:
+    """DNS rebinding: the host answers a public address to the check and a private one a moment
+    later. The HEAD request goes to the address that was checked, never resolved again."""
+    answers = iter([["93.184.216.34"], ["127.0.0.1"]])
+
+    async def rebinding(host: str, port: int) -> list[str]:
+        return next(answers)
+
+    with respx.mock() as router:
+        head = router.head(url__regex=".*").respond(200, headers={"content-type": "image/png"})
+        images = ImageResolver(Settings(), None, resolver=rebinding)  # type: ignore[arg-type]
+        await images.model_url("https://rebind.example/a.png", USER)
+    assert [str(c.request.url) for c in head.calls] == ["https://93.184.216.34/a.png"]
+    assert next(answers) == ["127.0.0.1"]  # resolved once: the second answer was never asked for
+
+
+@pytest.fixture
+async def tls_image_host() -> AsyncIterator[tuple[int, ssl.SSLContext, list[tuple[str | None, str | None]]]]:
+    """A real TLS server on loopback with a certificate for images.example only: its port, a
+    client context trusting its CA, and (SNI, Host) of each request it got."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("images.example").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    seen: list[tuple[str | None, str | None]] = []
+    names: list[str | None] = []
+    server_context.sni_callback = lambda sock, name, ctx: names.append(name)  # type: ignore[assignment,func-returns-value]
+
+    async def image(request: web.Request) -> web.Response:
+        seen.append((names[-1] if names else None, request.headers.get("Host")))
+        return web.Response(content_type="image/png")
+
+    app = web.Application()
+    app.router.add_route("HEAD", "/a.png", image)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield port, client_context, seen
+    await runner.cleanup()
+
+
+async def test_the_pinned_check_verifies_the_certificate_of_the_host_name(tls_image_host) -> None:
+    """Over real TLS: connected to the address, the server name sent and the certificate checked
+    are the URL's host name; a certificate for another name is refused."""
+    port, trust, seen = tls_image_host
+    response = await head_pinned(f"https://images.example:{port}/a.png", "127.0.0.1", verify=trust)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("image/png")
+    assert seen == [("images.example", f"images.example:{port}")]
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        await head_pinned(f"https://elsewhere.example:{port}/a.png", "127.0.0.1", verify=trust)
 
 
 def put_object(conn: psycopg.Connection, user: uuid.UUID, name: str, size: int = 2048, bucket: str = "chat-attachments") -> str:
@@ -113,10 +173,9 @@ async def test_storage_images_are_checked(db_url: str, conn: psycopg.Connection,
     put_object(conn, user, "huge.png", size=12 * 1024 * 1024)
     store = await PostgresStore.connect(db_url)
     try:
-        async with httpx.AsyncClient() as http:
-            images = ImageResolver(Settings(), store, http)  # no signer: the postgres transport without Supabase
-            with pytest.raises(ImageRefused, match=reason):
-                await images.model_url(image.format(user=user, other=other), user)
+        images = ImageResolver(Settings(), store)  # no signer: the postgres transport without Supabase
+        with pytest.raises(ImageRefused, match=reason):
+            await images.model_url(image.format(user=user, other=other), user)
     finally:
         await store.close()
 

@@ -87,7 +87,7 @@ def publisher_for(settings: Settings, transport: Transport, http: httpx.AsyncCli
 def build_worker(settings: Settings, transport: Transport, replicate: aiohttp.ClientSession,
                  web: httpx.AsyncClient) -> Worker:
     return Worker(settings, transport.store, ReplicateClient(replicate, settings), transport.wakeups,
-                  images=ImageResolver(settings, transport.store, web, signer=transport.signer),
+                  images=ImageResolver(settings, transport.store, signer=transport.signer),
                   publisher=publisher_for(settings, transport, web))
 
 

@@ -3,14 +3,18 @@
 https URL on a public host. Anything else is refused with a clear reason before any model call:
 another scheme, a host that resolves to a private, loopback or link-local address (the worker
 would be the one reaching into its own network), an object outside the user's folder, a missing
-object or one over IMAGE_MAX_BYTES."""
+object or one over IMAGE_MAX_BYTES.
+
+The HEAD request that checks an https image connects to the address that was checked, not to
+whatever the host name resolves to a moment later (DNS rebinding): the URL carries the address,
+the Host header and the TLS server name (SNI, and so the certificate check) the host name."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import socket
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -36,12 +40,24 @@ async def resolve_host(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+async def head_pinned(url: str, address: str, *, verify: ssl.SSLContext | bool = True,
+                      timeout: float = 5.0) -> httpx.Response:
+    """HEAD `url` on `address`: the connection goes to that address, while the Host header, the
+    TLS server name and the certificate check use the URL's host name. A client of its own:
+    pooled connections are keyed by address, and one made for another host name must not be
+    reused for this one."""
+    target = httpx.URL(url)
+    async with httpx.AsyncClient(verify=verify, timeout=timeout) as http:
+        return await http.head(target.copy_with(host=address), follow_redirects=False,
+                               headers={"Host": target.netloc.decode("ascii")},
+                               extensions={"sni_hostname": target.host})
+
+
 class ImageResolver:
-    def __init__(self, settings: Settings, store: RunStore, http: httpx.AsyncClient | None = None, *,
+    def __init__(self, settings: Settings, store: RunStore, *,
                  signer: Signer | None = None, resolver: Resolver | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.http = http
         self.signer = signer
         self.resolver = resolver
 
@@ -63,14 +79,16 @@ class ImageResolver:
             addresses = await (self.resolver or resolve_host)(host, parts.port or 443)
         except OSError:
             raise ImageRefused(f"the image host {host} cannot be resolved") from None
+        checked = []
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%")[0])
             if not ip.is_global:
                 raise ImageRefused(f"the image URL points to a private or local address ({ip})")
+            checked.append(str(ip))
+        if not checked:
+            raise ImageRefused(f"the image host {host} cannot be resolved")
         try:
-            # Without a client of its own (tests, tools), one for this check.
-            async with contextlib.nullcontext(self.http) if self.http is not None else httpx.AsyncClient() as http:
-                response = await http.head(image_url, follow_redirects=False, timeout=5.0)
+            response = await head_pinned(image_url, checked[0])
         except httpx.HTTPError as exc:
             raise ImageRefused(f"the image could not be fetched ({type(exc).__name__})") from None
         if response.status_code >= 400:
