@@ -144,3 +144,22 @@ async def test_byok_with_vault_stores_the_token_as_a_vault_secret(db_url, simula
         [run] = await finished_runs(db_url, 1)
     assert run["status"] == "completed"
     assert simulator.creates[0].headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+@pytest.mark.parametrize("removal", ["delete from auth.users where id = %(user)s",
+                                     "delete from user_replicate_tokens where user_id = %(user)s",
+                                     "update user_replicate_tokens set vault_secret_id = null,"
+                                     " pending_token = 'r8_replacement_token_0123456789' where user_id = %(user)s"])
+async def test_a_vault_secret_goes_with_its_token_row(db_url, removal: str) -> None:
+    """Deleting the account (which cascades to the token row), the row itself, or pointing it
+    away from its secret deletes the Vault secret: no token outlives its user."""
+    await execute(db_url, VAULT_STAND_IN)
+    user, _ = await new_user_thread(db_url, plan="byok")
+    other, _ = await new_user_thread(db_url, plan="byok")
+    for who in (user, other):
+        await as_user(db_url, who, "select set_my_replicate_token(%s)", (TOKEN,))
+    assert len(await query(db_url, "select id from vault.secrets")) == 2
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute(removal, {"user": user})
+    left = await query(db_url, "select name from vault.secrets")
+    assert left == [{"name": f"replicate_token_{other}"}]  # the other user's secret stays
