@@ -86,6 +86,9 @@ class Worker:
         self.completing: set[uuid.UUID] = set()
         # Cancelled runs whose create was still on its way: what it consumed is recorded once it answers.
         self.recording: set[asyncio.Task[None]] = set()
+        # Attempts whose lease was lost (taken over, by another worker or by this one): stopped,
+        # their prediction cancelled, nothing recorded; the attempt that holds the lease answers.
+        self.abandoned: set[asyncio.Task[None]] = set()
         self._check_cancellations = asyncio.Event()
         self.completions: Batcher[Completion, uuid.UUID | None] = Batcher(self._complete_batch, COMPLETE_BATCH)
 
@@ -255,18 +258,37 @@ class Worker:
         self.metrics.claimed.inc()
         log.info("run claimed", extra={"event": "run.claimed", "run_id": str(run.run_id),
                                        "message_id": str(run.message_id), "attempt": run.attempt})
+        previous = self.inflight.get(run.run_id)
+        if previous is not None and not previous.done():
+            # This worker's own lease on the run ran out (a stalled loop, a database outage) and
+            # the claim gave the run back to it as a new attempt: the old one is abandoned.
+            self._abandon(previous, run, "reclaimed")
         task = asyncio.create_task(self._process(run), name=f"run-{run.run_id}")
         self.inflight[run.run_id] = task
         self.metrics.in_flight.set(len(self.inflight))
 
-        def done(_: asyncio.Task[None]) -> None:
-            self.inflight.pop(run.run_id, None)
-            self.cancelling.discard(run.run_id)  # not before: the watcher would cancel it again
+        def done(finished: asyncio.Task[None]) -> None:
+            if self.inflight.get(run.run_id) is finished:  # not a newer attempt of the same run
+                del self.inflight[run.run_id]
+                self.cancelling.discard(run.run_id)  # not before: the watcher would cancel it again
             self.metrics.in_flight.set(len(self.inflight))
             if self._backlog:
                 self._wake.set()  # a slot is free and runs may be waiting for one
 
         task.add_done_callback(done)
+
+    def _abandon(self, task: asyncio.Task[None], run: ClaimedRun, why: str) -> None:
+        """Stops an attempt whose lease is no longer this worker's. Its prediction is cancelled
+        at Replicate (by the provider, as for any cancelled task); a reply it was already
+        writing is let through, and the database refuses it (the attempt is not the run's)."""
+        if task in self.abandoned or run.run_id in self.completing and self.inflight.get(run.run_id) is task:
+            return
+        self.abandoned.add(task)
+        task.add_done_callback(self.abandoned.discard)
+        self.counts["abandoned"] += 1
+        log.warning("attempt abandoned: its lease is no longer ours", extra={
+            "event": "run.abandoned", "run_id": str(run.run_id), "attempt": run.attempt, "reason": why})
+        task.cancel()
 
     async def _drain(self) -> None:
         """Stop claiming; let in-flight runs finish within the grace period; release the rest;
@@ -283,7 +305,7 @@ class Worker:
                 log.info("grace period over", extra={"event": "worker.grace_over", "cancelled": len(cancelled),
                                                      "replies_let_through": len(still_running) - len(cancelled)})
                 await asyncio.wait(still_running, timeout=10)
-        settling = [*self.provider.settling, *self.recording]
+        settling = [*self.provider.settling, *self.recording, *self.abandoned]
         if settling:
             # A create held by Prefer: wait answers within the wait, else its read timeout ends it;
             # then the cancel at Replicate (its own timeout) and the record in the database.
@@ -297,7 +319,9 @@ class Worker:
 
     # -- one run --------------------------------------------------------------------------------
     async def _process(self, run: ClaimedRun) -> None:
-        lease = asyncio.create_task(self._keep_lease(run))
+        me = asyncio.current_task()
+        assert me is not None
+        lease = asyncio.create_task(self._keep_lease(run, me))
         request: ModelRequest | None = None
         handle = PredictionHandle()
         replying = False  # the prediction succeeded and its reply is being written
@@ -344,6 +368,10 @@ class Worker:
             if replying:
                 await self._record_orphaned(run, self._consumed(run, request, handle))
         except asyncio.CancelledError:
+            if me in self.abandoned:
+                # The lease is another attempt's now (its prediction was cancelled at Replicate by
+                # the provider): nothing to record, and the run is not ours to give back.
+                return
             if run.run_id in self.cancelling:
                 # The user cancelled: the prediction was cancelled at Replicate by the provider (or
                 # will be, once its create answers). No reply. One task records it all, so that a
@@ -487,17 +515,34 @@ class Worker:
             log.warning("retrieval failed", extra={"event": "knowledge.failed", "run_id": str(run.run_id), "error_code": code})
             return [], code
 
-    async def _keep_lease(self, run: ClaimedRun) -> None:
+    async def _keep_lease(self, run: ClaimedRun, task: asyncio.Task[None]) -> None:
         interval = self.settings.worker_lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
             try:
                 if not await self.store.extend_lease(run, self.settings.worker_id, self.settings.worker_lease_seconds):
                     log.warning("lease lost", extra={"event": "run.lease_lost", "run_id": str(run.run_id)})
+                    await self._lease_lost(run, task)
                     return
             except Exception as exc:
                 log.warning("lease renewal failed", extra={"event": "run.lease_error", "run_id": str(run.run_id),
                                                            "error": str(exc)[:200]})
+
+    async def _lease_lost(self, run: ClaimedRun, task: asyncio.Task[None]) -> None:
+        """The lease could not be extended. A run its user cancelled or deleted is the
+        cancellation watcher's (it records what was consumed); a reply on its way to the database
+        goes on; any other run was taken over or ended by someone else: the attempt is abandoned."""
+        if run.run_id in self.cancelling or run.run_id in self.completing:
+            return
+        try:
+            if run.run_id in await self.store.cancelled_runs([run.run_id]):
+                self._check_cancellations.set()
+                return
+        except Exception as exc:  # the next extension (or the claim, after the lease) decides
+            log.warning("checking a lost lease failed", extra={"event": "run.lease_check_failed",
+                                                               "run_id": str(run.run_id), "error": str(exc)[:200]})
+            return
+        self._abandon(task, run, "lease_lost")
 
     async def _store_call(self, call: Callable[[], Awaitable[T]]) -> T:
         """Store calls are idempotent: retry them while the database is away, up to one lease."""

@@ -1,0 +1,69 @@
+"""A worker whose lease on a run is no longer its own stops that attempt: its prediction is
+cancelled at Replicate, nothing of it is recorded, and the attempt that holds the lease answers,
+once. Covers the worker claiming its own expired run again (the old attempt was left running and
+its end dropped the new attempt from the worker's books) and a run taken over by another worker."""
+
+from __future__ import annotations
+
+import psycopg
+
+from tests.pipeline_helpers import checking, new_user_thread, query, running_worker, say, wait_until, worker_settings
+
+
+async def _under_way(db_url: str, simulator, message) -> dict:
+    await wait_until(checking(lambda: simulator.predictions), what="the first prediction")
+    [run] = await query(db_url, "select * from assistant_runs where message_id = %s", (message,))
+    assert (run["status"], run["attempts"]) == ("in_progress", 1)
+    return run
+
+
+async def test_a_worker_that_claims_its_own_expired_run_again_abandons_the_old_attempt(db_url, simulator) -> None:
+    simulator.latency = 60  # the first attempt would take a minute
+    user, thread = await new_user_thread(db_url)
+    settings = worker_settings(simulator.base_url, worker_sweep_interval_seconds=0.2, replicate_prefer_wait_seconds=1)
+    async with running_worker(settings, db_url) as worker:
+        message = await say(db_url, user, thread, "hello?")
+        run = await _under_way(db_url, simulator, message)
+        [first] = simulator.predictions.values()
+        simulator.latency = 0.05  # the attempt that takes over answers at once
+        # Its lease runs out (as after a long stall of the event loop) and the claim hands the run
+        # to the same worker again, as attempt 2.
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            await conn.execute("update assistant_runs set lease_expires_at = now() - interval '1 second' where id = %s",
+                               (run["id"],))
+            await conn.execute("select pg_notify('assistant_runs', %s)", (str(run["id"]),))
+        await wait_until(lambda: query(db_url, "select 1 from assistant_runs where id = %s and status = 'completed'",
+                                       (run["id"],)), what="the second attempt to answer")
+        await wait_until(checking(lambda: first.canceled_at is not None), what="the first prediction to be cancelled")
+        await wait_until(checking(lambda: not worker.inflight), what="the worker's books to empty")
+    assert worker.counts["abandoned"] == 1
+    [done] = await query(db_url, "select status, attempts from assistant_runs where id = %s", (run["id"],))
+    assert done == {"status": "completed", "attempts": 2}
+    replies = await query(db_url, "select content from assistant_messages where reply_to = %s", (message,))
+    assert len(replies) == 1
+    events = await query(db_url, "select attempt, status from assistant_inference_events where run_id = %s", (run["id"],))
+    assert events == [{"attempt": 2, "status": "succeeded"}]  # the abandoned attempt records nothing
+    assert len(simulator.predictions) == 2
+
+
+async def test_a_worker_whose_run_was_taken_over_stops_its_attempt(db_url, simulator) -> None:
+    """The lease is renewed every third of WORKER_LEASE_SECONDS; when renewal finds the run
+    another worker's, this worker cancels its prediction and leaves the run alone."""
+    simulator.latency = 60
+    user, thread = await new_user_thread(db_url)
+    settings = worker_settings(simulator.base_url, worker_lease_seconds=10, replicate_prefer_wait_seconds=1)
+    async with running_worker(settings, db_url) as worker:
+        message = await say(db_url, user, thread, "hello?")
+        run = await _under_way(db_url, simulator, message)
+        [prediction] = simulator.predictions.values()
+        taken = await query(db_url, "update assistant_runs set lease_owner = 'another-worker', attempts = 2,"
+                                    " lease_expires_at = now() + interval '1 hour' where id = %s returning id", (run["id"],))
+        assert taken
+        await wait_until(checking(lambda: prediction.canceled_at is not None), timeout=20,
+                         what="the renewal to find the lease lost and the prediction to be cancelled")
+        await wait_until(checking(lambda: not worker.inflight), what="the attempt to stop")
+    assert worker.counts["abandoned"] == 1 and worker.counts["released"] == 0
+    [left] = await query(db_url, "select status, lease_owner, attempts from assistant_runs where id = %s", (run["id"],))
+    assert left == {"status": "in_progress", "lease_owner": "another-worker", "attempts": 2}  # untouched
+    assert await query(db_url, "select 1 from assistant_messages where reply_to = %s", (message,)) == []
+    assert await query(db_url, "select 1 from assistant_inference_events") == []
