@@ -487,6 +487,26 @@ async def test_a_prediction_given_up_on_a_refused_read_is_cancelled(db_url, simu
         [f"/v1/predictions/{prediction.id}/cancel"]
 
 
+async def test_a_prediction_replicate_no_longer_knows_is_made_again(db_url, simulator) -> None:
+    # A read answered 404 (Replicate lost the prediction): the attempt fails as
+    # prediction_not_found and the run makes a new prediction; before, the 404 read as
+    # "model not found" and ended the run failed.
+    simulator.latency = 1.5
+    simulator.inject(Fault("http", status=404, on="get"))
+    user, thread = await new_user_thread(db_url, plan="premium")
+    settings = worker_settings(simulator.base_url, replicate_prefer_wait_seconds=1, replicate_max_http_retries=0,
+                               worker_retry_base_seconds=0.05)
+    async with running_worker(settings, db_url):
+        message = await say(db_url, user, thread, "are you there?")
+        [run] = await finished_runs(db_url, 1, timeout=30)
+    assert (run["status"], run["attempts"]) == ("completed", 2)
+    events = await query(db_url, "select attempt, status, error_code from assistant_inference_events order by attempt")
+    assert events == [{"attempt": 1, "status": "failed", "error_code": "prediction_not_found"},
+                      {"attempt": 2, "status": "succeeded", "error_code": None}]
+    replies = await replies_by_message(db_url)
+    assert list(replies) == [message] and len(replies[message]) == 1
+
+
 class WatchedStore(PostgresStore):
     """The worker's own store, noting each call that failed because the database was away."""
 

@@ -193,6 +193,46 @@ async def test_an_unreachable_replicate_is_unavailable_and_retried() -> None:
     assert error.value.code == "provider_unavailable" and error.value.retryable and len(slept) == 2
 
 
+async def test_a_read_waits_as_long_as_replicate_asks(stub: ReplicateStub) -> None:
+    stub.post(CHAT_PATH).respond(201, json=prediction("processing", output=[]))
+    poll = stub.get("/v1/predictions/p1").side_effect(
+        Reply(429, headers={"Retry-After": "1.5"}, json={"detail": "Request was throttled.", "status": 429}),
+        Reply(200, json=prediction()))
+    slept: list[float] = []
+    assert (await predict(settings(stub), slept=slept)).text == "Navy goes with camel."
+    assert poll.call_count == 2 and slept == [0.1, 1.5]  # the first poll's delay, then Retry-After
+
+
+async def test_a_prediction_replicate_no_longer_knows_fails_the_attempt_for_a_retry(stub: ReplicateStub) -> None:
+    # A 404 on reading the prediction this worker created is not "model not found" (final for the
+    # run): the attempt fails, retryable, and the run makes a new prediction.
+    stub.post(CHAT_PATH).respond(201, json=prediction("processing", output=[]))
+    poll = stub.get("/v1/predictions/p1").always(
+        Reply(404, json={"detail": "The requested resource could not be found.", "status": 404}))
+    with pytest.raises(ProviderError) as error:
+        await predict(settings(stub, replicate_max_http_retries=1), slept=[])
+    assert (error.value.code, error.value.retryable, error.value.prediction_id) == ("prediction_not_found", True, "p1")
+    assert poll.call_count == 2  # read once more within the HTTP retries, then given up (not until the deadline)
+
+
+async def test_a_cancel_that_fails_for_a_moment_is_retried(stub: ReplicateStub) -> None:
+    cancel = stub.post("/v1/predictions/p1/cancel").side_effect(
+        Reply(503, text="upstream unavailable"),
+        Reply(429, headers={"Retry-After": "0.5"}, json={"detail": "Request was throttled.", "status": 429}),
+        Reply(200, json=prediction("canceled", output=[])))
+    s = settings(stub)
+    slept: list[float] = []
+    async with replicate_http(s) as http:
+        client = ReplicateClient(http, s)
+
+        async def sleep(seconds: float) -> None:
+            slept.append(seconds)
+        client.sleep = sleep
+        ended = await client.cancel("p1")
+    assert ended["status"] == "canceled" and cancel.call_count == 3
+    assert len(slept) == 2 and slept[1] == 0.5
+
+
 async def test_a_server_error_then_success(stub: ReplicateStub) -> None:
     stub.post(CHAT_PATH).side_effect(Reply(502, text="bad gateway"), Reply(201, json=prediction()))
     assert (await predict(settings(stub), slept=[])).text == "Navy goes with camel."

@@ -348,22 +348,12 @@ class ReplicateClient:
             url, payload = f"{self.base_url}/v1/models/{model.slug}/predictions", {"input": model_input}
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         timeout = self._create_timeout if wait else self._timeout
-        max_wait = self.settings.replicate_max_retry_after_seconds
 
-        def transient(exc: BaseException) -> bool:
+        def created_nothing(exc: ProviderError) -> bool:
             # Only answers that created nothing. A read timeout, a connection broken once the
             # request was sent or a garbled 201 may have created a prediction: the run's own retry
             # decides, so one answer is not paid for twice.
-            if not isinstance(exc, ProviderError) or exc.code not in ("rate_limited", "provider_unavailable") \
-                    or exc.request_sent:
-                return False
-            return exc.retry_after is None or exc.retry_after <= max_wait
-
-        def wait(state: Any) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            if isinstance(exc, ProviderError) and exc.retry_after is not None:
-                return exc.retry_after
-            return wait_random_exponential(multiplier=0.5, max=8)(state)
+            return exc.code in ("rate_limited", "provider_unavailable") and not exc.request_sent
 
         async def attempt() -> dict[str, Any]:
             if self.create_limiter is not None:
@@ -374,22 +364,56 @@ class ReplicateClient:
             finally:
                 flight.create_in_flight = False
 
-        return await retried(attempt, lambda: AsyncRetrying(
-            stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1), retry=retry_if_exception(transient),
-            wait=wait, sleep=self.sleep, reraise=True))
+        return await retried(attempt, self._retrying(created_nothing, multiplier=0.5, most=8))
+
+    def _retrying(self, transient: Callable[[ProviderError], bool], *, multiplier: float,
+                  most: float) -> Callable[[], AsyncRetrying]:
+        """HTTP retries of one request: `transient` errors, up to REPLICATE_MAX_HTTP_RETRIES, after
+        what Replicate asked (Retry-After, or its throttle message) else a jittered backoff. An
+        error asking for more than REPLICATE_MAX_RETRY_AFTER_SECONDS is handed to the caller,
+        which waits at its own level (the run's retry, the next read)."""
+        max_wait = self.settings.replicate_max_retry_after_seconds
+
+        def retry(exc: BaseException) -> bool:
+            return isinstance(exc, ProviderError) and transient(exc) \
+                and (exc.retry_after is None or exc.retry_after <= max_wait)
+
+        def wait(state: Any) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, ProviderError) and exc.retry_after is not None:
+                return exc.retry_after
+            return wait_random_exponential(multiplier=multiplier, max=most)(state)
+
+        return lambda: AsyncRetrying(stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
+                                     retry=retry_if_exception(retry), wait=wait, sleep=self.sleep, reraise=True)
 
     async def get(self, prediction_id: str, token: str | None = None) -> dict[str, Any]:
+        """Reads a prediction. A 404 means Replicate does not know the prediction this worker
+        created (not a missing model): `prediction_not_found`, which fails the attempt (the run
+        retries with a new prediction) instead of ending the run as the create's 404 would."""
         url, headers = f"{self.base_url}/v1/predictions/{prediction_id}", self._headers(token)
-        return await retried(lambda: self._request("GET", url, headers), lambda: AsyncRetrying(
-            stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
-            retry=retry_if_exception(lambda e: isinstance(e, ProviderError) and e.retryable),
-            wait=wait_random_exponential(multiplier=0.2, max=5), sleep=self.sleep, reraise=True))
+
+        async def read() -> dict[str, Any]:
+            try:
+                return await self._request("GET", url, headers)
+            except ProviderError as exc:
+                if exc.status == 404:
+                    raise ProviderError("prediction_not_found", f"Replicate does not know prediction {prediction_id}"
+                                        f" ({exc})", retryable=True, status=404) from exc
+                raise
+
+        return await retried(read, self._retrying(lambda e: e.retryable, multiplier=0.2, most=5))
 
     async def cancel(self, prediction_id: str, token: str | None = None) -> dict[str, Any]:
-        """Cancels at Replicate; returns the prediction as it ended ({} if that failed)."""
+        """Cancels at Replicate (retried like a read: cancelling twice is harmless); returns the
+        prediction as it ended ({} if that failed)."""
+        url = f"{self.base_url}/v1/predictions/{prediction_id}/cancel"
         try:
-            return await self._request("POST", f"{self.base_url}/v1/predictions/{prediction_id}/cancel", self._headers(token))
-        except ProviderError:
+            return await retried(lambda: self._request("POST", url, self._headers(token)),
+                                 self._retrying(lambda e: e.retryable, multiplier=0.2, most=2))
+        except ProviderError as exc:
+            log.warning("cancelling a prediction failed", extra={"event": "prediction.cancel_failed",
+                                                                 "prediction_id": prediction_id, "error_code": exc.code})
             return {}  # best effort: the prediction may have ended meanwhile
 
     async def _stream(self, url: str, token: str | None, on_text: OnText, handle: PredictionHandle,
@@ -441,7 +465,7 @@ class ReplicateClient:
         except TimeoutError:
             code, retry_after = "timeout", None
         except ProviderError as exc:
-            if not exc.retryable:
+            if not exc.retryable or exc.code == "prediction_not_found":  # reading again would not find it
                 raise
             code, retry_after = exc.code, exc.retry_after
         # Once per prediction at warning level: an outage at Replicate would otherwise log every read.
