@@ -113,6 +113,26 @@ async def test_a_broken_stream_falls_back_to_polling_without_loss(db_url, simula
     assert polls  # the prediction was polled once the stream broke
 
 
+async def test_a_stream_that_falls_silent_is_not_waited_for_until_the_deadline(db_url, simulator, caplog) -> None:
+    # The stream stops halfway and stays open while the prediction ends: after
+    # STREAM_IDLE_POLL_SECONDS of silence the prediction is read, found ended and used, instead
+    # of waiting for the stream until PREDICTION_TIMEOUT_SECONDS (an hour here).
+    simulator.latency = 0.4
+    simulator.inject(Fault("stream_stall"))
+    user, thread = await new_user_thread(db_url)
+    async with listening(db_url) as received, streaming_worker(simulator, db_url, stream_idle_poll_seconds=0.3,
+                                                               prediction_timeout_seconds=3600):
+        message = await say(db_url, user, thread, " ".join(f"word{i}" for i in range(30)))
+        [run] = await finished_runs(db_url, 1, timeout=20)
+    assert (run["status"], run["attempts"]) == ("completed", 1)
+    [reply] = await query(db_url, "select content from assistant_messages where reply_to = %s", (message,))
+    assert reply["content"] == "You said: " + " ".join(f"word{i}" for i in range(30))
+    partial = joined([d for d in received if d["message_id"] == str(message)]).strip()
+    assert reply["content"].startswith(partial) and len(partial) < len(reply["content"])  # silent, then completed
+    assert any(getattr(r, "event", None) == "stream.quiet" for r in caplog.records)
+    assert not any(getattr(r, "event", None) == "stream.broken" for r in caplog.records)
+
+
 async def test_on_supabase_the_reply_streams_over_private_broadcast(db_url, simulator) -> None:
     simulator.latency = 0.5
     emulator = SupabaseEmulator(db_url)

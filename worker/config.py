@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stream_replies: bool = True
     stream_publish_interval_ms: int = Field(100, ge=0, le=5000)
+    # A prediction's event stream quiet this long is checked with a read: a prediction that ended
+    # without its stream saying so is not waited for until its deadline.
+    stream_idle_poll_seconds: float = Field(10, ge=0.1, le=600)
     metrics_enabled: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9108, ge=0, le=65535)

@@ -104,6 +104,7 @@ class PredictionHandle:
     time_to_first_token_ms: int | None = None
     read_failures: int = 0  # reads of the prediction that failed and were tried again
     streamed: str = ""  # the text streamed so far
+    stream_heard_at: float = 0.0  # monotonic time of the stream's last event (or its start)
     # True while a create request is on its way to Replicate (sent, no answer yet).
     create_in_flight: bool = False
     # Set when the caller was cancelled during that create: it ends in the background, then the
@@ -421,8 +422,29 @@ class ReplicateClient:
         """Reads the prediction's server-sent events (`output`, `error`, `done`), calling
         `on_text` with the text so far. True when the stream ended with `done`; False when it
         broke or reported an error (the caller then polls: the prediction decides)."""
-        text = ""
         headers = {**self._headers(token), "Accept": "text/event-stream", "Cache-Control": "no-store"}
+        handle.stream_heard_at = time.monotonic()
+        idle = self.settings.stream_idle_poll_seconds
+
+        async def watch() -> None:
+            """While the stream is quiet, reads the prediction every `idle` seconds; returns when
+            it has ended without its stream saying so (the caller then uses what was read). One
+            task per stream; the reader only notes the time of each event."""
+            while True:
+                wait = handle.stream_heard_at + idle - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                try:
+                    handle.last = await self.get(str(handle.prediction_id), token)
+                except ProviderError:
+                    pass  # the stream, or the reads after it, decide
+                if handle.last.get("status") in TERMINAL:
+                    log.warning("prediction ended while its stream was quiet; reading it instead",
+                                extra={"event": "stream.quiet", "prediction_id": handle.prediction_id})
+                    return
+                handle.stream_heard_at = time.monotonic()
+
         try:
             async with self.http.get(url, headers=headers, timeout=self._stream_timeout, allow_redirects=False) as response:
                 if response.status != 200 or response.content_type != "text/event-stream":
@@ -430,24 +452,41 @@ class ReplicateClient:
                                 extra={"event": "stream.broken", "prediction_id": handle.prediction_id,
                                        "error": f"HTTP {response.status} {response.content_type}"})
                     return False
-                async with contextlib.aclosing(server_sent_events(response.content.iter_any())) as events:
-                    async for event, data in events:
-                        if event == "output":
-                            if handle.time_to_first_token_ms is None:
-                                handle.time_to_first_token_ms = int((time.monotonic() - started) * 1000)
-                            text += data
-                            handle.streamed = text
-                            await on_text(text)
-                        elif event == "error":
-                            log.warning("prediction stream reported an error",
-                                        extra={"event": "stream.error", "prediction_id": handle.prediction_id})
-                            return False
-                        elif event == "done":
-                            return True
+                reader = asyncio.create_task(self._read_events(response, on_text, handle, started))
+                watchdog = asyncio.create_task(watch(), name="stream-watchdog")
+                try:
+                    await asyncio.wait((reader, watchdog), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in (reader, watchdog):
+                        task.cancel()
+                    await asyncio.gather(reader, watchdog, return_exceptions=True)
+                if not reader.cancelled():
+                    return reader.result()  # the stream's own end (or its exception, below)
+                return False  # the prediction ended while the stream was quiet
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: an event over MAX_EVENT_SIZE
             log.warning("prediction stream broke; polling instead",
                         extra={"event": "stream.broken", "prediction_id": handle.prediction_id,
                                "error": type(exc).__name__})
+        return False
+
+    async def _read_events(self, response: aiohttp.ClientResponse, on_text: OnText, handle: PredictionHandle,
+                           started: float) -> bool:
+        text = ""
+        async with contextlib.aclosing(server_sent_events(response.content.iter_any())) as events:
+            async for event, data in events:
+                handle.stream_heard_at = time.monotonic()
+                if event == "output":
+                    if handle.time_to_first_token_ms is None:
+                        handle.time_to_first_token_ms = int((handle.stream_heard_at - started) * 1000)
+                    text += data
+                    handle.streamed = text
+                    await on_text(text)
+                elif event == "error":
+                    log.warning("prediction stream reported an error",
+                                extra={"event": "stream.error", "prediction_id": handle.prediction_id})
+                    return False
+                elif event == "done":
+                    return True
         return False
 
     async def _read_again(self, handle: PredictionHandle, token: str | None, deadline: float, delay: float) -> float:
@@ -504,6 +543,8 @@ class ReplicateClient:
                     and prediction["status"] not in TERMINAL:
                 if await self._stream(stream_url, token, on_text, handle, started):  # type: ignore[arg-type]
                     delay = await self._read_again(handle, token, deadline, delay)
+                    prediction = handle.last
+                elif handle.last.get("status") in TERMINAL:  # read by the stream's watchdog
                     prediction = handle.last
             while prediction["status"] not in TERMINAL:
                 if time.monotonic() >= deadline:

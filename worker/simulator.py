@@ -38,7 +38,8 @@ class Fault:
     prediction succeeds with an output that is not text), `garbage` (a 201, or 200 for a read, that is not JSON),
     `hang` (the create request never answers), `stream_error` (the stream sends an `error`
     event halfway and the prediction fails), `stream_break` (the stream is cut halfway, the
-    prediction itself succeeds).
+    prediction itself succeeds), `stream_stall` (the stream falls silent halfway and stays open,
+    the prediction itself succeeds).
 
     on: `create` (the default) or `get`: a read of a prediction answers with the fault instead
     (kinds `http`, `garbage` and `hang` only), and the prediction itself goes on."""
@@ -300,7 +301,7 @@ class ReplicateSimulator:
             prediction.error = fault.detail or ("CUDA out of memory" if fault.kind == "failed" else None)
         if fault and fault.kind == "malformed":
             prediction.output_override = {"unexpected": True}
-        if fault and fault.kind in ("stream_error", "stream_break"):
+        if fault and fault.kind in ("stream_error", "stream_break", "stream_stall"):
             prediction.stream_fault = fault.kind
             if fault.kind == "stream_error":
                 prediction.end_as, prediction.error = "failed", "the model crashed while streaming"
@@ -356,6 +357,9 @@ class ReplicateSimulator:
                     await response.write(f"event: error\nid: {base}:{index}\ndata: "
                                          f"{json.dumps({'detail': prediction.error})}\n\n".encode())
                     await response.write_eof()
+                    return response
+                if prediction.stream_fault == "stream_stall":
+                    await self._closing.wait()  # silent, open, until the client or the simulator goes
                     return response
                 request.transport.close()  # type: ignore[union-attr]  # cut mid-stream, no `done`
                 return response
