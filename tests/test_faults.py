@@ -622,3 +622,27 @@ async def test_a_migration_changing_a_functions_result_type_under_a_running_work
                 await store.call("probe_unsupported", {}, rows=True)
         finally:
             await store.close()
+
+
+async def test_a_database_call_past_the_statement_timeout_is_unavailable_not_stuck(db_url, monkeypatch) -> None:
+    # A call stuck behind a lock (or on an overloaded server) ends at the statement timeout as
+    # StoreUnavailable, which the worker retries within the lease, instead of holding its run's
+    # slot and a connection for ever. The usage-report refresh, whose time grows with the data,
+    # runs without it; the session keeps its timeout afterwards.
+    import worker.store
+
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        for name in ("test_slow", "test_slow_report"):
+            await conn.execute(f"create function public.{name}(p_seconds float) returns int language sql"
+                               " as $$ select 1 from pg_sleep(p_seconds) $$")
+    monkeypatch.setattr(worker.store, "UNTIMED_CALLS", frozenset({"test_slow_report"}))
+    store = await PostgresStore.connect(db_url, max_size=1, statement_timeout=0.2)
+    try:
+        assert await store.call("test_slow", {"p_seconds": 0.01}) == 1
+        with pytest.raises(StoreUnavailable, match="statement timeout"):
+            await store.call("test_slow", {"p_seconds": 2})
+        assert await store.call("test_slow_report", {"p_seconds": 0.4}) == 1
+        with pytest.raises(StoreUnavailable, match="statement timeout"):  # the same connection (max_size 1)
+            await store.call("test_slow", {"p_seconds": 2})
+    finally:
+        await store.close()

@@ -346,6 +346,7 @@ async def test_an_approval_wakes_the_worker_over_realtime(db_url, simulator, sup
     ("40001", True),   # serialization failure: nothing was written
     ("40P01", True),   # deadlock detected
     ("57P01", True),   # admin shutdown
+    ("57014", True),   # statement timeout: cancelled, nothing was written
     ("42501", False),  # permission denied
     ("23505", False),  # unique violation
     ("22023", False),  # invalid parameter

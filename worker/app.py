@@ -51,7 +51,8 @@ async def open_transport(settings: Settings, database_url: str | None = None, op
     url = database_url or (settings.database_url.get_secret_value() if settings.database_url else None)
     if url is None:
         raise ValueError("the postgres transport needs DATABASE_URL (or the embedded local database)")
-    store = await PostgresStore.connect(url, max_size=min(20, settings.worker_concurrency + 2), open_timeout=open_timeout)
+    store = await PostgresStore.connect(url, max_size=min(20, settings.worker_concurrency + 2), open_timeout=open_timeout,
+                                        statement_timeout=settings.database_statement_timeout_seconds)
     return Transport(store, ListenWakeups(url), signer)
 
 

@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(32, ge=1, le=1000)
     worker_claim_batch: int = Field(16, ge=1, le=1000)
     worker_lease_seconds: int = Field(120, ge=10, le=3600)
+    # On the postgres transport, each database call ends after this (0: no limit); on the
+    # supabase transport PostgREST's role has its own statement_timeout.
+    database_statement_timeout_seconds: float = Field(30, ge=0, le=3600)
     worker_sweep_interval_seconds: float = Field(15, gt=0)
     worker_shutdown_grace_seconds: float = Field(30, ge=0)
     worker_retry_base_seconds: float = Field(2, ge=0)

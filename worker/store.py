@@ -189,6 +189,12 @@ class RunStore(ABC):
         return QueueStatus(int(row["due_now"]), next_due, int(row["in_progress"]))
 
 
+# Calls whose time grows with the data, not with one request: the materialized usage reports are
+# refreshed every USAGE_REPORT_REFRESH_SECONDS, and at scale that may take longer than the
+# statement timeout meant for the worker's own calls.
+UNTIMED_CALLS = frozenset({"refresh_ai_usage_reports"})
+
+
 class PostgresStore(RunStore):
     """Direct connection: `select * from fn(p_x => %(p_x)s, …)` over a psycopg pool."""
 
@@ -196,11 +202,20 @@ class PostgresStore(RunStore):
         self.pool = pool
 
     @classmethod
-    async def connect(cls, url: str, max_size: int = 10, open_timeout: float = 30.0) -> PostgresStore:
+    async def connect(cls, url: str, max_size: int = 10, open_timeout: float = 30.0,
+                      statement_timeout: float = 30.0) -> PostgresStore:
         # A short checkout timeout: while the database is away, calls fail fast (StoreUnavailable)
         # and the worker's own backoff takes over, instead of each call hanging for 30 s.
+        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+            await cls._configure(conn)
+            # A call stuck on a lock or an overloaded server ends (QueryCanceled, retried as
+            # unavailable) instead of holding a run's slot and a connection without end. Set on
+            # the session: a startup option would be refused by some poolers.
+            if statement_timeout:
+                await conn.execute(f"set statement_timeout = {int(statement_timeout * 1000)}")
+
         pool = AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False, timeout=5,
-                                   kwargs={"autocommit": True, "row_factory": dict_row}, configure=cls._configure)
+                                   kwargs={"autocommit": True, "row_factory": dict_row}, configure=configure)
         try:
             await pool.open(wait=True, timeout=open_timeout)
         except BaseException:
@@ -221,6 +236,11 @@ class PostgresStore(RunStore):
         sql = f"select * from public.{function}({named})" if rows else f"select public.{function}({named}) as value"
         try:
             async with self.pool.connection() as conn:
+                if function in UNTIMED_CALLS:  # one transaction, without the session's statement timeout
+                    async with conn.transaction():
+                        await conn.execute("set local statement_timeout = 0")
+                        found = await (await conn.execute(sql, params)).fetchall()
+                    return found if rows else found[0]["value"]
                 try:
                     cursor = await conn.execute(sql, params)
                 except psycopg.errors.FeatureNotSupported as exc:
@@ -233,7 +253,8 @@ class PostgresStore(RunStore):
                     await conn.execute("deallocate all")
                     cursor = await conn.execute(sql, params)
                 found = await cursor.fetchall()
-        except (psycopg.OperationalError, PoolTimeout) as exc:  # connection lost, server restarting
+        except (psycopg.OperationalError, PoolTimeout, psycopg.errors.QueryCanceled) as exc:
+            # connection lost, server restarting, or the statement timeout: nothing was written
             raise StoreUnavailable(str(exc)) from exc
         except psycopg.errors.NoDataFound as exc:  # P0002 from the functions: no such run
             raise RunGone(str(exc)) from exc
@@ -245,11 +266,13 @@ def transient(code: str) -> bool:
     a gateway in front of it failed (the HTTP status is the code when the body is not PostgREST's),
     or PostgreSQL refused for now, as PostgresStore's OperationalError does: connection (08), out
     of resources or connections (53), shutdown (57P), serialization failure or deadlock (40001,
-    40P01: the transaction was rolled back, nothing was written). SQLSTATEs are five characters:
-    the HTTP statuses 400-409 of a non-PostgREST body are not class 40."""
+    40P01: the transaction was rolled back, nothing was written) or a statement timeout (57014,
+    PostgREST's role has one too). SQLSTATEs are five characters: the HTTP statuses 400-409 of a
+    non-PostgREST body are not class 40."""
     if code.startswith("PGRST00") or code in ("502", "503", "504"):
         return True
-    return len(code) == 5 and (code[:2] in ("08", "53") or code.startswith("57P") or code in ("40001", "40P01"))
+    return len(code) == 5 and (code[:2] in ("08", "53") or code.startswith("57P")
+                               or code in ("40001", "40P01", "57014"))
 
 
 class PostgrestStore(RunStore):
