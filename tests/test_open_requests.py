@@ -152,3 +152,54 @@ def test_two_concurrent_inserts_cannot_both_take_the_last_place(conn: psycopg.Co
     refused = outcome["second"]
     assert isinstance(refused, psycopg.Error) and refused.sqlstate == "PT429", outcome
     assert _messages(conn, user) == cap
+
+
+def test_one_insert_of_many_rows_is_capped_row_by_row(conn: psycopg.Connection) -> None:
+    """PostgREST inserts a JSON array in one statement: every row's run counts for the rows after
+    it, so an array beyond the cap is refused whole, and one within it is stored."""
+    user = create_user(conn, plan="free")
+    cap = _cap(conn, "free")
+    thread = _thread(conn, user)
+    many = ("insert into assistant_messages (thread_id, role, content)"
+            " select %s, 'user', 'burst ' || g from generate_series(1, %s) g")
+    with request(conn, postgrest.user("u", user)) as cur, _too_many() as refusal:
+        cur.execute(many, (thread, cap + 1))
+    assert refusal.value.diag.message_detail == f"open requests: {cap}, limit: {cap}"
+    assert _messages(conn, user) == 0  # the whole statement was refused
+    with request(conn, postgrest.user("u", user), commit=True) as cur:
+        cur.execute(many, (thread, cap))
+    assert _messages(conn, user) == cap
+
+
+def test_an_insert_waiting_for_the_users_lock_holds_no_thread_row(conn: psycopg.Connection, db_url: str) -> None:
+    """Lock order, so that two inserts of one user cannot deadlock: the user's cap lock is taken
+    before the statement locks any thread row. While a multi-row insert waits for that lock, its
+    threads stay free (were it taken after, the insert would hold thread A while waiting, and an
+    insert into A by a transaction holding the lock would deadlock with it)."""
+    user = create_user(conn, plan="premium")
+    first_thread, second_thread = _thread(conn, user), _thread(conn, user)
+    with psycopg.connect(db_url, autocommit=True) as single, psycopg.connect(db_url, autocommit=True) as multi:
+        outcome: dict[str, BaseException | None] = {}
+        with request(single, postgrest.user("u", user), commit=True) as cur:
+            cur.execute("insert into assistant_messages (thread_id, role, content) values (%s, 'user', 'b')",
+                        (second_thread,))
+
+            def insert_both() -> None:
+                try:
+                    with request(multi, postgrest.user("u", user), commit=True) as other:
+                        other.execute("insert into assistant_messages (thread_id, role, content)"
+                                      " values (%s, 'user', 'a'), (%s, 'user', 'b')", (first_thread, second_thread))
+                    outcome["multi"] = None
+                except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+                    outcome["multi"] = exc
+
+            racer = threading.Thread(target=insert_both)
+            racer.start()
+            _wait_for_lock_wait(conn, multi.info.backend_pid)
+            with conn.transaction():  # thread A is not locked by the waiting insert
+                conn.execute("set local lock_timeout = '2s'")
+                conn.execute("select 1 from assistant_threads where id = %s for update", (first_thread,))
+        racer.join(timeout=10)
+        assert not racer.is_alive()
+    assert outcome["multi"] is None, outcome
+    assert _messages(conn, user) == 3
