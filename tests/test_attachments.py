@@ -143,11 +143,39 @@ async def test_the_pinned_check_verifies_the_certificate_of_the_host_name(tls_im
     """Over real TLS: connected to the address, the server name sent and the certificate checked
     are the URL's host name; a certificate for another name is refused."""
     port, trust, seen = tls_image_host
-    response = await head_pinned(f"https://images.example:{port}/a.png", "127.0.0.1", verify=trust)
+    response = await head_pinned(f"https://images.example:{port}/a.png", ["127.0.0.1"], verify=trust)
     assert response.status_code == 200 and response.headers["content-type"].startswith("image/png")
     assert seen == [("images.example", f"images.example:{port}")]
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-        await head_pinned(f"https://elsewhere.example:{port}/a.png", "127.0.0.1", verify=trust)
+        await head_pinned(f"https://elsewhere.example:{port}/a.png", ["127.0.0.1"], verify=trust)
+
+
+async def test_the_pinned_check_tries_the_next_checked_address(tls_image_host) -> None:
+    """A host with several addresses, the first not answering (nothing listens on 127.0.0.2):
+    the next one checked is used, never a name resolved again."""
+    port, trust, seen = tls_image_host
+    response = await head_pinned(f"https://images.example:{port}/a.png", ["127.0.0.2", "127.0.0.1"], verify=trust)
+    assert response.status_code == 200 and len(seen) == 1
+    with pytest.raises(httpx.ConnectError):
+        await head_pinned(f"https://images.example:{port}/a.png", ["127.0.0.2"], verify=trust)
+
+
+async def test_behind_an_operators_proxy_the_check_goes_through_it(monkeypatch) -> None:
+    """With HTTPS_PROXY set, the proxy connects (it resolves the name itself): the HEAD goes to
+    the URL as given, through the proxy, after the same address check."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with respx.mock() as router:
+        head = router.head("https://images.example/a.png").respond(200, headers={"content-type": "image/png"})
+        images = ImageResolver(Settings(), None,  # type: ignore[arg-type]
+                               resolver=resolver_for({"images.example": ["93.184.216.34"]}))
+        assert await images.model_url("https://images.example/a.png", USER) == "https://images.example/a.png"
+        with pytest.raises(ImageRefused, match="private or local address"):  # still checked first
+            await ImageResolver(Settings(), None,  # type: ignore[arg-type]
+                                resolver=resolver_for({"images.example": ["10.0.0.7"]})).model_url(
+                "https://images.example/a.png", USER)
+    assert head.call_count == 1
 
 
 def put_object(conn: psycopg.Connection, user: uuid.UUID, name: str, size: int = 2048, bucket: str = "chat-attachments") -> str:

@@ -5,6 +5,8 @@ its end dropped the new attempt from the worker's books) and a run taken over by
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 
 from tests.pipeline_helpers import checking, new_user_thread, query, running_worker, say, wait_until, worker_settings
@@ -67,3 +69,35 @@ async def test_a_worker_whose_run_was_taken_over_stops_its_attempt(db_url, simul
     assert left == {"status": "in_progress", "lease_owner": "another-worker", "attempts": 2}  # untouched
     assert await query(db_url, "select 1 from assistant_messages where reply_to = %s", (message,)) == []
     assert await query(db_url, "select 1 from assistant_inference_events") == []
+
+
+async def test_a_reclaimed_run_whose_reply_is_being_written_is_not_asked_again(db_url, simulator) -> None:
+    """The claim hands the worker its own run again while the first attempt's reply is on its
+    way to the database: that attempt is not abandoned, and the new one waits for it and, the
+    run being answered, makes no prediction of its own."""
+    from tests.test_cancellation import CompletionHeldBack
+
+    simulator.latency = 0.05
+    user, thread = await new_user_thread(db_url)
+    store = (await CompletionHeldBack.connect(db_url)).hold()
+    settings = worker_settings(simulator.base_url, worker_sweep_interval_seconds=0.2)
+    try:
+        async with running_worker(settings, db_url, store=store) as worker:
+            message = await say(db_url, user, thread, "hello?")
+            await asyncio.wait_for(store.held.wait(), 15)  # the first attempt is writing its reply
+            [run] = await query(db_url, "select * from assistant_runs where message_id = %s", (message,))
+            async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+                await conn.execute("update assistant_runs set lease_expires_at = now() - interval '1 second'"
+                                   " where id = %s", (run["id"],))
+                await conn.execute("select pg_notify('assistant_runs', %s)", (str(run["id"]),))
+            await wait_until(lambda: query(db_url, "select 1 from assistant_runs where id = %s and attempts = 2",
+                                           (run["id"],)), what="the claim to hand the run over again")
+            store.let_go.set()
+            await wait_until(lambda: query(db_url, "select 1 from assistant_runs where id = %s and status = 'completed'",
+                                           (run["id"],)), what="the first attempt's reply")
+            await wait_until(checking(lambda: not worker.inflight), what="both attempts to end")
+    finally:
+        await store.close()
+    assert worker.counts["abandoned"] == 0
+    assert len(simulator.creates) == 1  # the second attempt asked nothing of Replicate
+    assert len(await query(db_url, "select 1 from assistant_messages where reply_to = %s", (message,))) == 1

@@ -209,10 +209,12 @@ async def test_a_prediction_replicate_no_longer_knows_fails_the_attempt_for_a_re
     stub.post(CHAT_PATH).respond(201, json=prediction("processing", output=[]))
     poll = stub.get("/v1/predictions/p1").always(
         Reply(404, json={"detail": "The requested resource could not be found.", "status": 404}))
+    cancel = stub.post("/v1/predictions/p1/cancel").respond(200, json=prediction("canceled", output=[]))
     with pytest.raises(ProviderError) as error:
         await predict(settings(stub, replicate_max_http_retries=1), slept=[])
     assert (error.value.code, error.value.retryable, error.value.prediction_id) == ("prediction_not_found", True, "p1")
     assert poll.call_count == 2  # read once more within the HTTP retries, then given up (not until the deadline)
+    assert cancel.call_count == 0  # nothing to cancel that Replicate knows of
 
 
 async def test_a_cancel_that_fails_for_a_moment_is_retried(stub: ReplicateStub) -> None:

@@ -12,13 +12,16 @@ the Host header and the TLS server name (SNI, and so the certificate check) the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import ssl
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
+import certifi
 import httpx
 
 from worker.config import Settings
@@ -40,17 +43,32 @@ async def resolve_host(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
-async def head_pinned(url: str, address: str, *, verify: ssl.SSLContext | bool = True,
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """The certificate store, loaded once (a client per check would read it from disk each time,
+    on the event loop)."""
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+async def head_pinned(url: str, addresses: list[str], *, verify: ssl.SSLContext | None = None,
                       timeout: float = 5.0) -> httpx.Response:
-    """HEAD `url` on `address`: the connection goes to that address, while the Host header, the
-    TLS server name and the certificate check use the URL's host name. A client of its own:
-    pooled connections are keyed by address, and one made for another host name must not be
-    reused for this one."""
+    """HEAD `url` on the first of `addresses` that takes the connection: it goes to that address,
+    while the Host header, the TLS server name and the certificate check use the URL's host name.
+    A client of its own, not reading proxy settings: pooled connections are keyed by address (one
+    made for another host name must not be reused for this one), and a proxy would resolve the
+    name again (see `ImageResolver.model_url`)."""
     target = httpx.URL(url)
-    async with httpx.AsyncClient(verify=verify, timeout=timeout) as http:
-        return await http.head(target.copy_with(host=address), follow_redirects=False,
-                               headers={"Host": target.netloc.decode("ascii")},
-                               extensions={"sni_hostname": target.host})
+    host = target.raw_host.decode("ascii")  # IDNA for a non-ASCII name, as TLS wants it
+    async with httpx.AsyncClient(verify=verify or _tls(), timeout=timeout, trust_env=False) as http:
+        for index, address in enumerate(addresses):
+            try:
+                return await http.head(target.copy_with(host=address), follow_redirects=False,
+                                       headers={"Host": target.netloc.decode("ascii")},
+                                       extensions={"sni_hostname": host})
+            except httpx.ConnectError:
+                if index == len(addresses) - 1:
+                    raise
+    raise httpx.ConnectError(f"no address to connect to for {host}")
 
 
 class ImageResolver:
@@ -88,7 +106,13 @@ class ImageResolver:
         if not checked:
             raise ImageRefused(f"the image host {host} cannot be resolved")
         try:
-            response = await head_pinned(image_url, checked[0])
+            if urllib.request.getproxies().get("https") and not urllib.request.proxy_bypass(host):
+                # The operator sends the worker's https traffic through a proxy: it connects,
+                # after resolving the name itself. The addresses were checked all the same.
+                async with httpx.AsyncClient(timeout=5.0) as http:
+                    response = await http.head(image_url, follow_redirects=False)
+            else:
+                response = await head_pinned(image_url, checked)
         except httpx.HTTPError as exc:
             raise ImageRefused(f"the image could not be fetched ({type(exc).__name__})") from None
         if response.status_code >= 400:

@@ -259,11 +259,17 @@ class Worker:
         log.info("run claimed", extra={"event": "run.claimed", "run_id": str(run.run_id),
                                        "message_id": str(run.message_id), "attempt": run.attempt})
         previous = self.inflight.get(run.run_id)
+        after: asyncio.Task[None] | None = None
         if previous is not None and not previous.done():
             # This worker's own lease on the run ran out (a stalled loop, a database outage) and
-            # the claim gave the run back to it as a new attempt: the old one is abandoned.
-            self._abandon(previous, run, "reclaimed")
-        task = asyncio.create_task(self._process(run), name=f"run-{run.run_id}")
+            # the claim gave the run back to it as a new attempt. The old one is abandoned, unless
+            # it is writing its reply: then the new one waits for it (the first reply written is
+            # the run's) and goes on only if the run is still unanswered.
+            if run.run_id in self.completing:
+                after = previous
+            else:
+                self._abandon(previous, run, "reclaimed")
+        task = asyncio.create_task(self._process(run, after), name=f"run-{run.run_id}")
         self.inflight[run.run_id] = task
         self.metrics.in_flight.set(len(self.inflight))
 
@@ -278,16 +284,19 @@ class Worker:
         task.add_done_callback(done)
 
     def _abandon(self, task: asyncio.Task[None], run: ClaimedRun, why: str) -> None:
-        """Stops an attempt whose lease is no longer this worker's. Its prediction is cancelled
-        at Replicate (by the provider, as for any cancelled task); a reply it was already
-        writing is let through, and the database refuses it (the attempt is not the run's)."""
-        if task in self.abandoned or run.run_id in self.completing and self.inflight.get(run.run_id) is task:
+        """Stops an attempt whose lease is no longer this worker's (`run`: the attempt that lost
+        it, or for "reclaimed" the one that took it over). Its prediction is cancelled at
+        Replicate (by the provider, as for any cancelled task). A reply it is already writing is
+        not abandoned (the callers check): the first reply written is the run's, whichever
+        attempt wrote it (reply_to is unique)."""
+        if task in self.abandoned:
             return
         self.abandoned.add(task)
         task.add_done_callback(self.abandoned.discard)
         self.counts["abandoned"] += 1
         log.warning("attempt abandoned: its lease is no longer ours", extra={
-            "event": "run.abandoned", "run_id": str(run.run_id), "attempt": run.attempt, "reason": why})
+            "event": "run.abandoned", "run_id": str(run.run_id), "reason": why,
+            ("taken_over_by_attempt" if why == "reclaimed" else "attempt"): run.attempt})
         task.cancel()
 
     async def _drain(self) -> None:
@@ -318,9 +327,16 @@ class Worker:
                             extra={"event": "worker.settle_abandoned", "creates": len(left)})
 
     # -- one run --------------------------------------------------------------------------------
-    async def _process(self, run: ClaimedRun) -> None:
+    async def _process(self, run: ClaimedRun, after: asyncio.Task[None] | None = None) -> None:
         me = asyncio.current_task()
         assert me is not None
+        if after is not None:  # an earlier attempt of this run is writing its reply (see _start)
+            await asyncio.wait([after])
+            if not await self._store_call(lambda: self.store.extend_lease(run, self.settings.worker_id,
+                                                                         self.settings.worker_lease_seconds)):
+                log.info("run answered by its earlier attempt", extra={
+                    "event": "run.answered_before", "run_id": str(run.run_id), "attempt": run.attempt})
+                return
         lease = asyncio.create_task(self._keep_lease(run, me))
         request: ModelRequest | None = None
         handle = PredictionHandle()
@@ -522,27 +538,29 @@ class Worker:
             try:
                 if not await self.store.extend_lease(run, self.settings.worker_id, self.settings.worker_lease_seconds):
                     log.warning("lease lost", extra={"event": "run.lease_lost", "run_id": str(run.run_id)})
-                    await self._lease_lost(run, task)
-                    return
+                    if await self._lease_lost(run, task):
+                        return
             except Exception as exc:
                 log.warning("lease renewal failed", extra={"event": "run.lease_error", "run_id": str(run.run_id),
                                                            "error": str(exc)[:200]})
 
-    async def _lease_lost(self, run: ClaimedRun, task: asyncio.Task[None]) -> None:
+    async def _lease_lost(self, run: ClaimedRun, task: asyncio.Task[None]) -> bool:
         """The lease could not be extended. A run its user cancelled or deleted is the
         cancellation watcher's (it records what was consumed); a reply on its way to the database
-        goes on; any other run was taken over or ended by someone else: the attempt is abandoned."""
+        goes on; any other run was taken over or ended by someone else: the attempt is abandoned.
+        False when that could not be told (the database is away): the renewal goes on."""
         if run.run_id in self.cancelling or run.run_id in self.completing:
-            return
+            return True
         try:
             if run.run_id in await self.store.cancelled_runs([run.run_id]):
                 self._check_cancellations.set()
-                return
-        except Exception as exc:  # the next extension (or the claim, after the lease) decides
+                return True
+        except Exception as exc:  # the next renewal tells again
             log.warning("checking a lost lease failed", extra={"event": "run.lease_check_failed",
                                                                "run_id": str(run.run_id), "error": str(exc)[:200]})
-            return
+            return False
         self._abandon(task, run, "lease_lost")
+        return True
 
     async def _store_call(self, call: Callable[[], Awaitable[T]]) -> T:
         """Store calls are idempotent: retry them while the database is away, up to one lease."""

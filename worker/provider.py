@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from worker import jsonload
 from worker.config import ModelProfile, Settings
@@ -368,7 +368,7 @@ class ReplicateClient:
         return await retried(attempt, self._retrying(created_nothing, multiplier=0.5, most=8))
 
     def _retrying(self, transient: Callable[[ProviderError], bool], *, multiplier: float,
-                  most: float) -> Callable[[], AsyncRetrying]:
+                  most: float, within: float | None = None) -> Callable[[], AsyncRetrying]:
         """HTTP retries of one request: `transient` errors, up to REPLICATE_MAX_HTTP_RETRIES, after
         what Replicate asked (Retry-After, or its throttle message) else a jittered backoff. An
         error asking for more than REPLICATE_MAX_RETRY_AFTER_SECONDS is handed to the caller,
@@ -385,8 +385,11 @@ class ReplicateClient:
                 return exc.retry_after
             return wait_random_exponential(multiplier=multiplier, max=most)(state)
 
-        return lambda: AsyncRetrying(stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
-                                     retry=retry_if_exception(retry), wait=wait, sleep=self.sleep, reraise=True)
+        stop = stop_after_attempt(self.settings.replicate_max_http_retries + 1)
+        if within is not None:  # no retry starts after `within` seconds
+            stop = stop | stop_after_delay(within)
+        return lambda: AsyncRetrying(stop=stop, retry=retry_if_exception(retry), wait=wait, sleep=self.sleep,
+                                     reraise=True)
 
     async def get(self, prediction_id: str, token: str | None = None) -> dict[str, Any]:
         """Reads a prediction. A 404 means Replicate does not know the prediction this worker
@@ -410,8 +413,9 @@ class ReplicateClient:
         prediction as it ended ({} if that failed)."""
         url = f"{self.base_url}/v1/predictions/{prediction_id}/cancel"
         try:
+            # Bounded: a cancellation (of a run, at shutdown) waits for it.
             return await retried(lambda: self._request("POST", url, self._headers(token)),
-                                 self._retrying(lambda e: e.retryable, multiplier=0.2, most=2))
+                                 self._retrying(lambda e: e.retryable, multiplier=0.2, most=2, within=10))
         except ProviderError as exc:
             log.warning("cancelling a prediction failed", extra={"event": "prediction.cancel_failed",
                                                                  "prediction_id": prediction_id, "error_code": exc.code})
@@ -437,8 +441,10 @@ class ReplicateClient:
                     continue
                 try:
                     handle.last = await self.get(str(handle.prediction_id), token)
-                except ProviderError:
-                    pass  # the stream, or the reads after it, decide
+                except Exception as exc:  # the stream, or the reads after it, decide
+                    log.debug("reading a quiet stream's prediction failed", extra={
+                        "event": "stream.quiet_read_failed", "prediction_id": handle.prediction_id,
+                        "error": repr(exc)[:200]})
                 if handle.last.get("status") in TERMINAL:
                     log.warning("prediction ended while its stream was quiet; reading it instead",
                                 extra={"event": "stream.quiet", "prediction_id": handle.prediction_id})
@@ -563,7 +569,7 @@ class ReplicateClient:
             raise
         except ProviderError as exc:
             exc.prediction_id = exc.prediction_id or prediction_id
-            if exc.code != "timeout" and handle.last.get("status") not in TERMINAL:
+            if exc.code not in ("timeout", "prediction_not_found") and handle.last.get("status") not in TERMINAL:
                 # best effort: the attempt gives the prediction up, so nobody pays for it
                 handle.last = await asyncio.shield(self.cancel(prediction_id, token)) or handle.last
             raise

@@ -253,8 +253,9 @@ class PostgresStore(RunStore):
                     await conn.execute("deallocate all")
                     cursor = await conn.execute(sql, params)
                 found = await cursor.fetchall()
-        except (psycopg.OperationalError, PoolTimeout, psycopg.errors.QueryCanceled) as exc:
-            # connection lost, server restarting, or the statement timeout: nothing was written
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            # connection lost, server restarting, or the statement timeout (QueryCanceled is an
+            # OperationalError): nothing was written
             raise StoreUnavailable(str(exc)) from exc
         except psycopg.errors.NoDataFound as exc:  # P0002 from the functions: no such run
             raise RunGone(str(exc)) from exc
