@@ -84,6 +84,8 @@ class Point:
 VARIANTS: dict[str, dict[str, str]] = {
     "default": {},
     "no_streaming": {"STREAM_REPLIES": "false"},
+    # Every reply streams at STREAM_PUBLISH_INTERVAL_MS whatever the number of replies streaming.
+    "unbudgeted_streaming": {"STREAM_MAX_MESSAGES_PER_SECOND": "0"},
     # httpcore does `import sniffio` on every request; without sniffio installed each request paid a
     # failed import (a sys.path scan). A stub module on PYTHONPATH showed what that cost (sniffio is
     # a dependency since).

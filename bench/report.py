@@ -83,10 +83,12 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         best["replies_per_second"] if best else "not measured",
         best["replies_per_second"] >= TARGETS["replies_per_s_2_workers"] if best else None,
         at=f"{best['conversations']} conversations, latency {best['latency_s']:g} s" if best else None)
-    for workers, variant in ((1, "default"), (2, "default"), (2, "no_streaming")):
+    variant_labels = {"no_streaming": ", replies not streamed (STREAM_REPLIES=false)",
+                      "unbudgeted_streaming": ", every reply streamed at 100 ms (STREAM_MAX_MESSAGES_PER_SECOND=0)"}
+    for workers, variant in ((1, "default"), (2, "default"), (2, "no_streaming"), (2, "unbudgeted_streaming")):
         p = _point(every, 1000, workers, 2.0, variant)
         label = (f"1,000 conversations at 2 s latency sustained without memory growth, {workers} worker(s)"
-                 + (", replies not streamed (STREAM_REPLIES=false)" if variant == "no_streaming" else ""))
+                 + variant_labels.get(variant, ""))
         if p is None:
             if variant == "default":
                 add(label, "replies/s >= 90% of 1000/2 s, no timeouts or failures, worker RSS growth <= 5% over the window",

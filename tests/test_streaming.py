@@ -288,3 +288,59 @@ async def test_many_replies_streaming_at_once_share_notify_statements(db_url, si
     replies = await query(db_url, "select content from assistant_messages where role = 'assistant'")
     assert sorted(joined(ms).strip() for ms in by_run.values()) == sorted(r["content"] for r in replies)
     assert sum(batches) == len(received) and len(batches) < len(received) and max(batches) > 1
+
+
+class RecordingPublisher:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    async def publish(self, thread_id: uuid.UUID, payload: dict[str, Any]) -> None:
+        self.sent.append((payload["run_id"], payload))
+
+
+class FailingPublisher:
+    async def publish(self, thread_id: uuid.UUID, payload: dict[str, Any]) -> None:
+        raise RuntimeError("broadcast refused: HTTP 429")
+
+
+async def test_replies_streaming_at_once_share_the_workers_message_budget(monkeypatch) -> None:
+    """With a budget of 2 messages a second and two replies streaming, each publishes once a
+    second (not every 100 ms); when one closes its stream, the other's share grows back."""
+    from worker import streaming
+    from worker.streaming import ReplyRelay, StreamBudget
+
+    now = [1000.0]
+    monkeypatch.setattr(streaming.time, "monotonic", lambda: now[0])
+    budget, publisher = StreamBudget(2), RecordingPublisher()
+    first, second = (ReplyRelay(publisher, uuid.uuid4(), run, uuid.uuid4(), 0.1, budget) for run in (uuid.uuid4(), uuid.uuid4()))
+    sent = lambda relay: [p["delta"] for r, p in publisher.sent if r == relay.base["run_id"]]  # noqa: E731
+
+    await first.update("a")
+    await second.update("b")
+    assert budget.streaming == 2 and sent(first) == ["a"] and sent(second) == ["b"]  # the first token at once
+    for step in range(1, 10):  # 0.1 s steps: each would publish at every one without the budget
+        now[0] += 0.1
+        await first.update("a" + "x" * step)
+    assert sent(first) == ["a"]  # 0.9 s: not yet
+    now[0] += 0.1
+    await first.update("a" + "x" * 10)
+    assert sent(first) == ["a", "x" * 10]  # 1 s = 2 replies / 2 messages a second
+
+    await second.flush(done=True)  # closes its stream: one reply streams now
+    assert budget.streaming == 1 and sent(second)[-1] == ""
+    now[0] += 0.5
+    await first.update("a" + "x" * 11)
+    assert sent(first)[-1] == "x"  # 0.5 s = 1 reply / 2 messages a second
+
+    failing = ReplyRelay(FailingPublisher(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), 0.1, budget)
+    await failing.update("c")  # publishing failed: the reply goes on, the live view is given up
+    assert budget.streaming == 2
+    await failing.flush(done=True)
+    await first.flush(done=True)
+    assert budget.streaming == 0  # every share given back, a failed stream's too
+
+    unbudgeted = ReplyRelay(publisher, uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), 0.1, StreamBudget(0))
+    await unbudgeted.update("d")
+    now[0] += 0.1
+    await unbudgeted.update("de")
+    assert sent(unbudgeted) == ["d", "e"]  # 0: the interval alone

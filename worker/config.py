@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stream_replies: bool = True
     stream_publish_interval_ms: int = Field(100, ge=0, le=5000)
+    # All of one worker's stream messages, per second (Supabase Realtime quotas: 100/s Free, 500/s
+    # Pro, per project); 0: no budget.
+    stream_max_messages_per_second: float = Field(50, ge=0)
     # A prediction's event stream quiet this long is checked with a read: a prediction that ended
     # without its stream saying so is not waited for until its deadline.
     stream_idle_poll_seconds: float = Field(10, ge=0.1, le=600)

@@ -34,7 +34,7 @@ from worker.prompts import (
 from worker.provider import Prediction, PredictionHandle, ProviderError, ReplicateClient, active_seconds, estimate_cost
 from worker.retries import retried
 from worker.store import ClaimedRun, Completion, RunGone, RunStore, StoreUnavailable
-from worker.streaming import Publisher, ReplyRelay
+from worker.streaming import Publisher, ReplyRelay, StreamBudget
 
 log = logging.getLogger("worker.pipeline")
 T = TypeVar("T")
@@ -80,6 +80,7 @@ class Worker:
         self.user_tokens = UserTokens(store, settings.byok_encryption_key)
         self.metrics = Metrics()
         self.publisher = publisher if settings.stream_replies else None
+        self.stream_budget = StreamBudget(settings.stream_max_messages_per_second)
         self.cancelling: set[uuid.UUID] = set()
         # Runs whose reply is on its way to the database: no longer cancelled by the worker
         # (complete_runs ends a run cancelled meanwhile itself, and counts what it consumed once).
@@ -361,7 +362,8 @@ class Worker:
                 # held for the seconds the prediction takes, times the runs in flight.
                 run.history.clear()  # the run owns this list (ClaimedRun.from_row copies it)
                 relay = (ReplyRelay(self.publisher, run.thread_id, run.run_id, run.message_id,
-                                    self.settings.stream_publish_interval_ms / 1000) if self.publisher else None)
+                                    self.settings.stream_publish_interval_ms / 1000, self.stream_budget)
+                         if self.publisher else None)
                 try:
                     prediction = await self.provider.predict(request.model, request.input, token, handle=handle,
                                                              on_text=relay.update if relay else None)

@@ -8,7 +8,8 @@ token. The final reply is still written once, by complete_run.
   listeners: LISTEN is not access-controlled in PostgreSQL).
 
 Each message is a delta: {"run_id", "message_id" (the user message), "seq", "delta", "done"};
-publishing is throttled to one message per reply per STREAM_PUBLISH_INTERVAL_MS. The deltas of all
+publishing is throttled to one message per reply per STREAM_PUBLISH_INTERVAL_MS, and to
+STREAM_MAX_MESSAGES_PER_SECOND per worker in all (StreamBudget). The deltas of all
 replies in flight travel together: one NOTIFY statement or one Broadcast request carries every
 delta that became due while the previous one was on its way (hundreds of replies streaming at
 once would otherwise cost a round trip each). A failure to publish never fails the reply."""
@@ -75,15 +76,32 @@ class BroadcastPublisher:
             raise RuntimeError(f"broadcast refused: HTTP {response.status_code}")
 
 
+class StreamBudget:
+    """The stream messages one worker may publish per second, shared by its replies. While more
+    replies stream than the budget allows at STREAM_PUBLISH_INTERVAL_MS, each publishes less
+    often: its interval stretches to (replies streaming) / (messages per second). Supabase
+    Realtime counts every Broadcast message against the project's quota (100 a second on the
+    Free plan, 500 on Pro) and may suspend a project far beyond it. 0: no budget."""
+
+    def __init__(self, per_second: float) -> None:
+        self.per_second = per_second
+        self.streaming = 0  # replies that have streamed text and not yet closed their stream
+
+    def interval(self, base: float) -> float:
+        return max(base, self.streaming / self.per_second) if self.per_second else base
+
+
 class ReplyRelay:
     """Turns the growing text of one reply into throttled deltas."""
 
     def __init__(self, publisher: Publisher, thread_id: uuid.UUID, run_id: uuid.UUID, message_id: uuid.UUID,
-                 interval_seconds: float) -> None:
+                 interval_seconds: float, budget: StreamBudget | None = None) -> None:
         self.publisher = publisher
         self.thread_id = thread_id
         self.base = {"run_id": str(run_id), "message_id": str(message_id)}
         self.interval = interval_seconds
+        self.budget = budget
+        self.counted = False  # in budget.streaming
         self.raw = ""
         self.text = ""
         self.sent = 0
@@ -93,10 +111,24 @@ class ReplyRelay:
 
     async def update(self, text: str) -> None:
         self.raw = text  # cheap per token; what is visible is worked out when a delta is due
-        if time.monotonic() - self.last_publish >= self.interval:
+        interval = self.interval
+        if self.budget is not None:
+            if not self.counted:
+                self.budget.streaming += 1
+                self.counted = True
+            interval = self.budget.interval(interval)
+        if time.monotonic() - self.last_publish >= interval:
             await self.flush()
 
     async def flush(self, done: bool = False) -> None:
+        try:
+            await self._flush(done)
+        finally:
+            if done and self.counted:  # the stream is closed (or could not be): its share is free
+                self.budget.streaming -= 1  # type: ignore[union-attr]
+                self.counted = False
+
+    async def _flush(self, done: bool) -> None:
         if self.failed:
             return
         self.text = visible_text(self.raw)
