@@ -49,6 +49,11 @@ def resolver_for(addresses: dict[str, list[str]]):
     ("https://169.254.169.254/latest/meta-data", "private or local address (169.254.169.254)"),
     ("https://[::1]/a.png", "private or local address (::1)"),
     ("https://[fd00::1]/a.png", "private or local address (fd00::1)"),
+    # IPv6 addresses that carry a private IPv4 one: NAT64, 6to4, IPv4-compatible
+    ("https://[64:ff9b::a00:1]/a.png", "private or local address (64:ff9b::a00:1)"),
+    ("https://[2002:a00:1::]/a.png", "private or local address (2002:a00:1::)"),
+    ("https://[::127.0.0.1]/a.png", "private or local address (::7f00:1)"),
+    ("https://nat64.example/a.png", "private or local address (64:ff9b::a9fe:a9fe)"),
     ("https://internal.example/a.png", "private or local address (172.16.5.4)"),
     ("https://rebind.example/a.png", "private or local address (127.0.0.1)"),
     ("https://nowhere.example/a.png", "cannot be resolved"),
@@ -57,6 +62,8 @@ def resolver_for(addresses: dict[str, list[str]]):
 async def test_image_urls_are_refused_before_any_request(url: str, reason: str) -> None:
     addresses = {"127.0.0.1": ["127.0.0.1"], "10.1.2.3": ["10.1.2.3"], "192.168.0.10": ["192.168.0.10"],
                  "169.254.169.254": ["169.254.169.254"], "::1": ["::1"], "fd00::1": ["fd00::1"],
+                 "64:ff9b::a00:1": ["64:ff9b::a00:1"], "2002:a00:1::": ["2002:a00:1::"], "::127.0.0.1": ["::7f00:1"],
+                 "nat64.example": ["64:ff9b::169.254.169.254"],
                  "internal.example": ["172.16.5.4"], "rebind.example": ["93.184.216.34", "127.0.0.1"]}
     with respx.mock(assert_all_called=False) as router:
         head = router.head(url__regex=".*").respond(200, headers={"content-type": "image/png"})

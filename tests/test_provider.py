@@ -235,6 +235,17 @@ async def test_a_cancel_that_fails_for_a_moment_is_retried(stub: ReplicateStub) 
     assert len(slept) == 2 and slept[1] == 0.5
 
 
+async def test_a_cancel_that_never_answers_is_given_up_in_bounded_time(stub: ReplicateStub, monkeypatch) -> None:
+    # The cancel of a run or at shutdown waits for it: its retries together are bounded.
+    import worker.provider
+
+    monkeypatch.setattr(worker.provider, "CANCEL_WITHIN_SECONDS", 0.3)
+    stub.post("/v1/predictions/p1/cancel").always(HANG)
+    s = settings(stub)  # a read timeout of 30 s: without the bound the cancel would wait that long, at least
+    async with replicate_http(s) as http:
+        assert await asyncio.wait_for(ReplicateClient(http, s).cancel("p1"), timeout=10) == {}
+
+
 async def test_a_server_error_then_success(stub: ReplicateStub) -> None:
     stub.post(CHAT_PATH).side_effect(Reply(502, text="bad gateway"), Reply(201, json=prediction()))
     assert (await predict(settings(stub), slept=[])).text == "Navy goes with camel."

@@ -338,6 +338,8 @@ async def test_replies_streaming_at_once_share_the_workers_message_budget(monkey
     await failing.flush(done=True)
     await first.flush(done=True)
     assert budget.streaming == 0  # every share given back, a failed stream's too
+    await first.update("a" + "x" * 12)  # text after the stream closed (a reader that outlived it)
+    assert budget.streaming == 0 and sent(first)[-1] == ""  # neither counted nor sent
 
     unbudgeted = ReplyRelay(publisher, uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), 0.1, StreamBudget(0))
     await unbudgeted.update("d")

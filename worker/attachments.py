@@ -43,6 +43,27 @@ async def resolve_host(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def embedded_ipv4_is_global(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """An IPv6 address that carries an IPv4 one (mapped, compatible, 6to4, Teredo, NAT64) is
+    only as global as that IPv4 address: ::ffff:10.0.0.1 or 64:ff9b::a00:1 reach 10.0.0.1."""
+    if ip.version == 4:
+        return True
+    assert isinstance(ip, ipaddress.IPv6Address)
+    inner: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped:
+        inner.append(ip.ipv4_mapped)
+    if ip.sixtofour:
+        inner.append(ip.sixtofour)
+    if ip.teredo:
+        inner.extend(ip.teredo)
+    if int(ip) >> 32 == 0 or ip in NAT64:  # IPv4-compatible (::a.b.c.d), or NAT64 (64:ff9b::a.b.c.d)
+        inner.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return all(address.is_global for address in inner)
+
+
 @functools.cache
 def _tls() -> ssl.SSLContext:
     """The certificate store, loaded once (a client per check would read it from disk each time,
@@ -65,7 +86,7 @@ async def head_pinned(url: str, addresses: list[str], *, verify: ssl.SSLContext 
                 return await http.head(target.copy_with(host=address), follow_redirects=False,
                                        headers={"Host": target.netloc.decode("ascii")},
                                        extensions={"sni_hostname": host})
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.ConnectTimeout):
                 if index == len(addresses) - 1:
                     raise
     raise httpx.ConnectError(f"no address to connect to for {host}")
@@ -100,16 +121,19 @@ class ImageResolver:
         checked = []
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%")[0])
-            if not ip.is_global:
+            if not ip.is_global or not embedded_ipv4_is_global(ip):
                 raise ImageRefused(f"the image URL points to a private or local address ({ip})")
             checked.append(str(ip))
         if not checked:
             raise ImageRefused(f"the image host {host} cannot be resolved")
         try:
-            if urllib.request.getproxies().get("https") and not urllib.request.proxy_bypass(host):
+            proxy = urllib.request.getproxies().get("https")
+            if proxy and not urllib.request.proxy_bypass(host):
                 # The operator sends the worker's https traffic through a proxy: it connects,
-                # after resolving the name itself. The addresses were checked all the same.
-                async with httpx.AsyncClient(timeout=5.0) as http:
+                # after resolving the name itself (so it must refuse private destinations). The
+                # addresses were checked all the same. That proxy and no other setting: what
+                # decided to use it decides alone.
+                async with httpx.AsyncClient(proxy=proxy, trust_env=False, timeout=5.0) as http:
                     response = await http.head(image_url, follow_redirects=False)
             else:
                 response = await head_pinned(image_url, checked)

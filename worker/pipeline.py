@@ -288,10 +288,10 @@ class Worker:
         """Stops an attempt whose lease is no longer this worker's (`run`: the attempt that lost
         it, or for "reclaimed" the one that took it over). Its prediction is cancelled at
         Replicate (by the provider, as for any cancelled task). A reply it is already writing is
-        not abandoned (the callers check): the first reply written is the run's, whichever
-        attempt wrote it (reply_to is unique)."""
-        if task in self.abandoned:
-            return
+        not abandoned (checked here, at the moment of cancelling): the first reply written is the
+        run's, whichever attempt wrote it (reply_to is unique)."""
+        if task in self.abandoned or (run.run_id in self.completing and self.inflight.get(run.run_id) is task):
+            return  # writing its reply: the first reply written is the run's
         self.abandoned.add(task)
         task.add_done_callback(self.abandoned.discard)
         self.counts["abandoned"] += 1
@@ -331,18 +331,23 @@ class Worker:
     async def _process(self, run: ClaimedRun, after: asyncio.Task[None] | None = None) -> None:
         me = asyncio.current_task()
         assert me is not None
-        if after is not None:  # an earlier attempt of this run is writing its reply (see _start)
-            await asyncio.wait([after])
-            if not await self._store_call(lambda: self.store.extend_lease(run, self.settings.worker_id,
-                                                                         self.settings.worker_lease_seconds)):
-                log.info("run answered by its earlier attempt", extra={
-                    "event": "run.answered_before", "run_id": str(run.run_id), "attempt": run.attempt})
-                return
         lease = asyncio.create_task(self._keep_lease(run, me))
         request: ModelRequest | None = None
         handle = PredictionHandle()
         replying = False  # the prediction succeeded and its reply is being written
         try:
+            if after is not None:  # an earlier attempt of this run is writing its reply (see _start)
+                await asyncio.wait([after])  # the lease is kept meanwhile; a cancellation is handled below
+                if self._stopping.is_set():  # not a new prediction during shutdown: give the run back
+                    await self._store_call(lambda: self.store.release(run, self.settings.worker_id))
+                    self.counts["released"] += 1
+                    self.metrics.released.inc()
+                    return
+                if not await self._store_call(lambda: self.store.extend_lease(run, self.settings.worker_id,
+                                                                             self.settings.worker_lease_seconds)):
+                    log.info("run ended by its earlier attempt", extra={
+                        "event": "run.answered_before", "run_id": str(run.run_id), "attempt": run.attempt})
+                    return
             assistant = Assistant.from_row(run.assistant, self.settings)
             try:
                 if run.assistant and run.assistant.get("is_active") is False:

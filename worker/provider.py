@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from worker import jsonload
 from worker.config import ModelProfile, Settings
@@ -40,6 +40,7 @@ log = logging.getLogger("worker.provider")
 TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
 PREDICTION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # it goes into URLs: nothing else is accepted
 THROTTLE_RESET = re.compile(r"resets in ~?(\d+(?:\.\d+)?)\s*s")
+CANCEL_WITHIN_SECONDS = 15.0  # a cancel and its retries together
 
 
 class ProviderError(Exception):
@@ -368,7 +369,7 @@ class ReplicateClient:
         return await retried(attempt, self._retrying(created_nothing, multiplier=0.5, most=8))
 
     def _retrying(self, transient: Callable[[ProviderError], bool], *, multiplier: float,
-                  most: float, within: float | None = None) -> Callable[[], AsyncRetrying]:
+                  most: float) -> Callable[[], AsyncRetrying]:
         """HTTP retries of one request: `transient` errors, up to REPLICATE_MAX_HTTP_RETRIES, after
         what Replicate asked (Retry-After, or its throttle message) else a jittered backoff. An
         error asking for more than REPLICATE_MAX_RETRY_AFTER_SECONDS is handed to the caller,
@@ -385,11 +386,8 @@ class ReplicateClient:
                 return exc.retry_after
             return wait_random_exponential(multiplier=multiplier, max=most)(state)
 
-        stop = stop_after_attempt(self.settings.replicate_max_http_retries + 1)
-        if within is not None:  # no retry starts after `within` seconds
-            stop = stop | stop_after_delay(within)
-        return lambda: AsyncRetrying(stop=stop, retry=retry_if_exception(retry), wait=wait, sleep=self.sleep,
-                                     reraise=True)
+        return lambda: AsyncRetrying(stop=stop_after_attempt(self.settings.replicate_max_http_retries + 1),
+                                     retry=retry_if_exception(retry), wait=wait, sleep=self.sleep, reraise=True)
 
     async def get(self, prediction_id: str, token: str | None = None) -> dict[str, Any]:
         """Reads a prediction. A 404 means Replicate does not know the prediction this worker
@@ -413,12 +411,14 @@ class ReplicateClient:
         prediction as it ended ({} if that failed)."""
         url = f"{self.base_url}/v1/predictions/{prediction_id}/cancel"
         try:
-            # Bounded: a cancellation (of a run, at shutdown) waits for it.
-            return await retried(lambda: self._request("POST", url, self._headers(token)),
-                                 self._retrying(lambda e: e.retryable, multiplier=0.2, most=2, within=10))
-        except ProviderError as exc:
-            log.warning("cancelling a prediction failed", extra={"event": "prediction.cancel_failed",
-                                                                 "prediction_id": prediction_id, "error_code": exc.code})
+            # Bounded as a whole: a cancellation (of a run, at shutdown) waits for it.
+            async with asyncio.timeout(CANCEL_WITHIN_SECONDS):
+                return await retried(lambda: self._request("POST", url, self._headers(token)),
+                                     self._retrying(lambda e: e.retryable, multiplier=0.2, most=2))
+        except (ProviderError, TimeoutError) as exc:
+            log.warning("cancelling a prediction failed", extra={
+                "event": "prediction.cancel_failed", "prediction_id": prediction_id,
+                "error_code": exc.code if isinstance(exc, ProviderError) else "timeout"})
             return {}  # best effort: the prediction may have ended meanwhile
 
     async def _stream(self, url: str, token: str | None, on_text: OnText, handle: PredictionHandle,

@@ -81,7 +81,9 @@ class StreamBudget:
     replies stream than the budget allows at STREAM_PUBLISH_INTERVAL_MS, each publishes less
     often: its interval stretches to (replies streaming) / (messages per second). Supabase
     Realtime counts every Broadcast message against the project's quota (100 a second on the
-    Free plan, 500 on Pro) and may suspend a project far beyond it. 0: no budget."""
+    Free plan, 500 on Pro) and may suspend a project far beyond it. 0: no budget. It paces the
+    deltas in between: a reply's first and closing deltas go at once, so the rate can pass it
+    briefly when many replies start or end together."""
 
     def __init__(self, per_second: float) -> None:
         self.per_second = per_second
@@ -102,6 +104,7 @@ class ReplyRelay:
         self.interval = interval_seconds
         self.budget = budget
         self.counted = False  # in budget.streaming
+        self.closed = False  # the closing delta was sent (or tried): later text is not streamed
         self.raw = ""
         self.text = ""
         self.sent = 0
@@ -110,6 +113,8 @@ class ReplyRelay:
         self.failed = False
 
     async def update(self, text: str) -> None:
+        if self.closed:  # a reader that outlived its stream's end: never counted again
+            return
         self.raw = text  # cheap per token; what is visible is worked out when a delta is due
         interval = self.interval
         if self.budget is not None:
@@ -124,9 +129,11 @@ class ReplyRelay:
         try:
             await self._flush(done)
         finally:
-            if done and self.counted:  # the stream is closed (or could not be): its share is free
-                self.budget.streaming -= 1  # type: ignore[union-attr]
-                self.counted = False
+            if done:
+                self.closed = True
+                if self.counted:  # the stream is closed (or could not be): its share is free
+                    self.budget.streaming -= 1  # type: ignore[union-attr]
+                    self.counted = False
 
     async def _flush(self, done: bool) -> None:
         if self.failed:
