@@ -130,8 +130,8 @@ async def test_workers_killed_with_sigkill_lose_nothing_and_double_nothing(db_ur
     simulator.latency = 1.5  # each victim is killed with predictions on their way
     users = [await new_user_thread(db_url, plan="premium") for _ in range(4)]
     per_user = 15  # 60 messages; premium allows 60 requests an hour and 100 messages a day per user
-    # A backlog larger than the open requests premium allows at once (its quotas stay as they are).
-    await query(db_url, "update ai_plans set max_open_requests = null where id = 'premium' returning id")
+    # A backlog larger than the queue premium allows (its quotas stay as they are).
+    await query(db_url, "update ai_plans set max_queued_requests = null where id = 'premium' returning id")
     messages = []
     for i in range(per_user):
         for user, thread in users:

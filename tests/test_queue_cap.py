@@ -1,5 +1,5 @@
-"""The cap on open requests (migration 20261123001000): a client cannot queue more messages than
-its plan allows to wait for a reply at once; the refusal is SQLSTATE PT429 (HTTP 429 through
+"""The queue cap (migration 20261123001000): a client cannot queue more messages than its plan
+allows to wait for a worker at once; the refusal is SQLSTATE PT429 (HTTP 429 through
 PostgREST), says why, and stores nothing. A burst from two connections cannot both take the last
 place."""
 
@@ -34,11 +34,11 @@ def _messages(conn: psycopg.Connection, user: uuid.UUID) -> int:
 
 def _too_many() -> pytest.RaisesContext:
     """The refusal: psycopg has no class of its own for PostgREST's custom SQLSTATEs."""
-    return pytest.raises(psycopg.Error, match="messages waiting for a reply")
+    return pytest.raises(psycopg.Error, match="messages waiting in the queue")
 
 
 def _cap(conn: psycopg.Connection, plan: str) -> int | None:
-    return conn.execute("select max_open_requests from ai_plans where id = %s", (plan,)).fetchone()[0]
+    return conn.execute("select max_queued_requests from ai_plans where id = %s", (plan,)).fetchone()[0]
 
 
 @pytest.mark.parametrize(("plan", "anonymous"), [(None, True), (None, False), ("premium", False), ("byok", False)])
@@ -55,8 +55,8 @@ def test_a_client_cannot_queue_more_than_its_plan_allows(conn: psycopg.Connectio
         _ask(conn, user, thread, "one too many")
     error = refusal.value.diag
     assert refusal.value.sqlstate == error.sqlstate == "PT429" and pg_error_status(error.sqlstate, authed=True) == 429
-    assert f"you have {cap} messages waiting for a reply" in str(refusal.value)
-    assert error.message_detail == f"open requests: {cap}, limit: {cap}"
+    assert f"you have {cap} messages waiting in the queue" in str(refusal.value)
+    assert error.message_detail == f"queued requests: {cap}, limit: {cap}"
     assert "wait for a reply" in (error.message_hint or "")
     assert _messages(conn, user) == cap  # nothing of the refused message was stored
     assert conn.execute("select count(*) from assistant_runs where user_id = %s", (user,)).fetchone()[0] == cap
@@ -70,15 +70,24 @@ def test_a_place_frees_when_a_request_ends(conn: psycopg.Connection) -> None:
     with _too_many():
         _ask(conn, user, thread)
 
-    # One ends (completed, failed, blocked or cancelled all leave the count); one is in progress.
+    # One ends (completed, failed, blocked or cancelled all leave the queue); one is taken by a
+    # worker (being answered, it is no longer ahead of anyone).
     conn.execute("update assistant_runs set status = 'cancelled', finished_at = now() where message_id = %s",
                  (asked[0],))
     conn.execute("update assistant_runs set status = 'in_progress', lease_owner = 'w', attempts = 1,"
                  " lease_expires_at = now() + interval '1 minute' where message_id = %s", (asked[1],))
     _ask(conn, user, thread, "now there is room")
-    with _too_many():  # an in-progress run still counts
+    _ask(conn, user, thread, "and for one more")
+    with _too_many():
         _ask(conn, user, thread)
-    assert _messages(conn, user) == cap + 1
+    # A run whose attempt failed goes back to the queue to wait for its retry: it counts again.
+    conn.execute("update assistant_runs set status = 'queued', lease_owner = null, lease_expires_at = null"
+                 " where message_id = %s", (asked[1],))
+    assert conn.execute("select count(*) from assistant_runs where user_id = %s and status = 'queued'",
+                        (user,)).fetchone()[0] == cap + 1  # over the cap: no new message until it drains
+    with _too_many():
+        _ask(conn, user, thread)
+    assert _messages(conn, user) == cap + 2
 
 
 def test_server_writes_and_uncapped_plans_are_not_limited(conn: psycopg.Connection) -> None:
@@ -97,8 +106,8 @@ def test_server_writes_and_uncapped_plans_are_not_limited(conn: psycopg.Connecti
 
 
 def test_the_cap_must_be_positive(conn: psycopg.Connection) -> None:
-    with pytest.raises(psycopg.errors.CheckViolation, match="ai_plans_max_open_requests_positive"):
-        conn.execute("update ai_plans set max_open_requests = 0 where id = 'free'")
+    with pytest.raises(psycopg.errors.CheckViolation, match="ai_plans_max_queued_requests_positive"):
+        conn.execute("update ai_plans set max_queued_requests = 0 where id = 'free'")
 
 
 def test_a_guard_refusal_keeps_its_own_reason(conn: psycopg.Connection) -> None:
@@ -164,7 +173,7 @@ def test_one_insert_of_many_rows_is_capped_row_by_row(conn: psycopg.Connection) 
             " select %s, 'user', 'burst ' || g from generate_series(1, %s) g")
     with request(conn, postgrest.user("u", user)) as cur, _too_many() as refusal:
         cur.execute(many, (thread, cap + 1))
-    assert refusal.value.diag.message_detail == f"open requests: {cap}, limit: {cap}"
+    assert refusal.value.diag.message_detail == f"queued requests: {cap}, limit: {cap}"
     assert _messages(conn, user) == 0  # the whole statement was refused
     with request(conn, postgrest.user("u", user), commit=True) as cur:
         cur.execute(many, (thread, cap))

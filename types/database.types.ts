@@ -81,7 +81,7 @@ export type Database = {
           created_at: string
           description: string
           id: string
-          max_open_requests: number | null
+          max_queued_requests: number | null
           name: string
           uses_own_key: boolean
         }
@@ -89,7 +89,7 @@ export type Database = {
           created_at?: string
           description?: string
           id: string
-          max_open_requests?: number | null
+          max_queued_requests?: number | null
           name: string
           uses_own_key?: boolean
         }
@@ -97,7 +97,7 @@ export type Database = {
           created_at?: string
           description?: string
           id?: string
-          max_open_requests?: number | null
+          max_queued_requests?: number | null
           name?: string
           uses_own_key?: boolean
         }

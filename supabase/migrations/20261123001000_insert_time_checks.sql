@@ -1,14 +1,17 @@
 -- Checks at insert time for two things the claim decided too late (both found by a security
 -- review), in one migration because both live in the insert guard of assistant_messages.
 --
--- A. A cap on the requests a user can have waiting for a reply at once. Quotas are admitted when
---    a worker claims a run, so nothing limited what a client could insert: one (anonymous) user
+-- A. A cap on the requests a user can have waiting in the queue. Quotas are admitted when a
+--    worker claims a run, so nothing limited what a client could insert: one (anonymous) user
 --    could queue twenty thousand messages, and every one of them was claimed, admitted (or
 --    refused) and answered before the runs of everyone else behind them. Each plan now caps its
---    users' open requests (runs queued or in progress); a client's message beyond the cap is
---    refused with SQLSTATE PT429, which PostgREST answers with HTTP 429, and nothing is stored.
---    Null: no cap (plans created before this migration keep their behaviour). The check runs
---    after the message's run is queued (an AFTER ROW trigger, after
+--    users' queued requests (runs not yet taken by a worker, a retry waiting for its turn
+--    included); a client's message beyond the cap is refused with SQLSTATE PT429, which
+--    PostgREST answers with HTTP 429, and nothing is stored. Null: no cap (plans created before
+--    this migration keep their behaviour). Runs being answered do not count: they are no longer
+--    ahead of anyone, and counting them would need an index over two statuses, which measured
+--    a third slower claim-and-complete cycle (its planning and upkeep on every claim). The check
+--    runs after the message's run is queued (an AFTER ROW trigger, after
 --    assistant_messages_after_insert: triggers fire in name order) and counts it, so a multi-row
 --    insert (PostgREST takes an array) is checked row by row, each row seeing the runs of the
 --    rows before it; refusing rolls the whole statement back. Two inserts at once cannot both
@@ -32,14 +35,14 @@
 --       after a failed attempt), with the same code.
 
 alter table public.ai_plans
-  add column max_open_requests integer null,
-  add constraint ai_plans_max_open_requests_positive
-    check (max_open_requests is null or max_open_requests >= 1);
+  add column max_queued_requests integer null,
+  add constraint ai_plans_max_queued_requests_positive
+    check (max_queued_requests is null or max_queued_requests >= 1);
 
-comment on column public.ai_plans.max_open_requests is
-  'How many of a user''s messages may wait for a reply at once (runs queued or in progress); a client insert beyond it is refused with SQLSTATE PT429 (HTTP 429). Null: no cap.';
+comment on column public.ai_plans.max_queued_requests is
+  'How many of a user''s messages may wait in the queue at once (runs not yet taken by a worker); a client insert beyond it is refused with SQLSTATE PT429 (HTTP 429). Null: no cap.';
 
-update public.ai_plans set max_open_requests = case id
+update public.ai_plans set max_queued_requests = case id
     when 'guest' then 2
     when 'free' then 4
     when 'premium' then 8
@@ -47,12 +50,12 @@ update public.ai_plans set max_open_requests = case id
   end
  where id in ('guest', 'free', 'premium', 'byok');
 
--- What the cap counts: small, since runs leave it when they end.
-create index idx_assistant_runs_open_by_user
-  on public.assistant_runs (user_id) where status in ('queued', 'in_progress');
+-- What the cap counts: small, since runs leave it when a worker takes them.
+create index idx_assistant_runs_queued_by_user
+  on public.assistant_runs (user_id) where status = 'queued';
 
 -- The insert guard of 20261122000100, plus (for clients) the assistant check (B.1) and the
--- user's cap lock (A), taken last, once the message has passed every rule. One trigger and one
+-- user's queue-cap lock (A), taken last, once the message has passed every rule. One trigger and one
 -- look at the thread for all of it: this runs for every message.
 create or replace function public.assistant_messages_guard_insert() returns trigger
 language plpgsql
@@ -113,7 +116,7 @@ begin
   end if;
   -- Clients do not pick their own timestamps: history order is the server's.
   new.created_at := now();
-  perform pg_advisory_xact_lock(hashtextextended('assistant_open_requests:' || new.user_id::text, 0));
+  perform pg_advisory_xact_lock(hashtextextended('assistant_queued_requests:' || new.user_id::text, 0));
   return new;
 end
 $$;
@@ -121,41 +124,41 @@ $$;
 -- SECURITY DEFINER: counts runs and reads the plan whatever the caller may see. Fired only for
 -- client inserts of user messages (the trigger's WHEN runs with the caller's rights), after the
 -- row's run is queued, under the lock the guard took.
-create function public.assistant_messages_cap_open_requests() returns trigger
+create function public.assistant_messages_cap_queued_requests() returns trigger
 language plpgsql
 security definer
 set search_path = ''
 as $$
 declare
   cap integer;
-  open_requests integer;
+  queued integer;
 begin
-  select p.max_open_requests into cap
+  select p.max_queued_requests into cap
     from public.ai_plans p where p.id = public.ai_plan_of(new.user_id);
   if cap is null then
     return null;
   end if;
-  select count(*) into open_requests  -- this message's run included
+  select count(*) into queued  -- this message's run included
     from public.assistant_runs r
-   where r.user_id = new.user_id and r.status in ('queued', 'in_progress');
-  if open_requests > cap then
-    raise exception 'you have % messages waiting for a reply, the most your plan allows at once', open_requests - 1
+   where r.user_id = new.user_id and r.status = 'queued';
+  if queued > cap then
+    raise exception 'you have % messages waiting in the queue, the most your plan allows at once', queued - 1
       using errcode = 'PT429',
-            detail = format('open requests: %s, limit: %s', open_requests - 1, cap),
+            detail = format('queued requests: %s, limit: %s', queued - 1, cap),
             hint = 'wait for a reply (or cancel a request) before sending another message';
   end if;
   return null;
 end
 $$;
 
-revoke execute on function public.assistant_messages_cap_open_requests() from public, anon, authenticated;
+revoke execute on function public.assistant_messages_cap_queued_requests() from public, anon, authenticated;
 
 -- After assistant_messages_after_insert (name order), which queues the row's run.
-create trigger assistant_messages_open_requests
+create trigger assistant_messages_queue_cap
   after insert on public.assistant_messages
   for each row
   when (new.role = 'user' and public.assistant_is_client())
-  execute function public.assistant_messages_cap_open_requests();
+  execute function public.assistant_messages_cap_queued_requests();
 
 create or replace function public.assistant_failure_text(p_error_code text) returns text
 language sql immutable

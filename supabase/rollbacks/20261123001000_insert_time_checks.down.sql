@@ -3,8 +3,8 @@
 begin;
 drop trigger assistants_after_withdrawal on public.assistants;
 drop function public.assistants_after_withdrawal();
-drop trigger assistant_messages_open_requests on public.assistant_messages;
-drop function public.assistant_messages_cap_open_requests();
+drop trigger assistant_messages_queue_cap on public.assistant_messages;
+drop function public.assistant_messages_cap_queued_requests();
 create or replace function public.assistant_messages_guard_insert() returns trigger
 language plpgsql
 set search_path = ''
@@ -78,8 +78,8 @@ as $$
     else 'an unexpected error occurred.'
   end || ' Please try again.'
 $$;
-drop index public.idx_assistant_runs_open_by_user;
-alter table public.ai_plans drop constraint ai_plans_max_open_requests_positive;
-alter table public.ai_plans drop column max_open_requests;
+drop index public.idx_assistant_runs_queued_by_user;
+alter table public.ai_plans drop constraint ai_plans_max_queued_requests_positive;
+alter table public.ai_plans drop column max_queued_requests;
 delete from supabase_migrations.schema_migrations where version = '20261123001000';
 commit;
