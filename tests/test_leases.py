@@ -101,3 +101,42 @@ async def test_a_reclaimed_run_whose_reply_is_being_written_is_not_asked_again(d
     assert worker.counts["abandoned"] == 0
     assert len(simulator.creates) == 1  # the second attempt asked nothing of Replicate
     assert len(await query(db_url, "select 1 from assistant_messages where reply_to = %s", (message,))) == 1
+
+
+async def test_a_reclaimed_run_waiting_at_shutdown_makes_no_prediction(db_url, simulator) -> None:
+    """The worker is stopped while the new attempt waits for the earlier one, whose reply then
+    fails to be written: the new attempt makes no prediction during shutdown and gives the run
+    back to the queue for the next worker."""
+    from tests.test_cancellation import CompletionHeldBack
+
+    class CompletionFails(CompletionHeldBack):
+        async def complete(self, completion):  # held, then refused: the earlier attempt does not answer
+            self.held.set()
+            await self.let_go.wait()
+            raise RuntimeError("the reply could not be written")
+
+    simulator.latency = 0.05
+    user, thread = await new_user_thread(db_url)
+    store = (await CompletionFails.connect(db_url)).hold()
+    settings = worker_settings(simulator.base_url, worker_sweep_interval_seconds=0.2, worker_shutdown_grace_seconds=5)
+    try:
+        async with running_worker(settings, db_url, store=store) as worker:
+            message = await say(db_url, user, thread, "hello?")
+            await asyncio.wait_for(store.held.wait(), 15)
+            [run] = await query(db_url, "select * from assistant_runs where message_id = %s", (message,))
+            async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+                await conn.execute("update assistant_runs set lease_expires_at = now() - interval '1 second'"
+                                   " where id = %s", (run["id"],))
+                await conn.execute("select pg_notify('assistant_runs', %s)", (str(run["id"]),))
+            await wait_until(lambda: query(db_url, "select 1 from assistant_runs where id = %s and attempts = 2",
+                                           (run["id"],)), what="the claim to hand the run over again")
+            worker.stop()  # shutdown begins while the new attempt waits
+            store.let_go.set()
+        # running_worker waited for the worker to end
+    finally:
+        await store.close()
+    assert len(simulator.creates) == 1  # no new prediction during shutdown
+    assert worker.counts["released"] == 1
+    [left] = await query(db_url, "select status, lease_owner from assistant_runs where id = %s", (run["id"],))
+    assert left == {"status": "queued", "lease_owner": None}  # for the next worker
+    assert await query(db_url, "select 1 from assistant_messages where reply_to = %s", (message,)) == []

@@ -339,9 +339,9 @@ class Worker:
             if after is not None:  # an earlier attempt of this run is writing its reply (see _start)
                 await asyncio.wait([after])  # the lease is kept meanwhile; a cancellation is handled below
                 if self._stopping.is_set():  # not a new prediction during shutdown: give the run back
-                    await self._store_call(lambda: self.store.release(run, self.settings.worker_id))
-                    self.counts["released"] += 1
-                    self.metrics.released.inc()
+                    if await self._store_call(lambda: self.store.release(run, self.settings.worker_id)):
+                        self.counts["released"] += 1  # (not when the earlier attempt answered it)
+                        self.metrics.released.inc()
                     return
                 if not await self._store_call(lambda: self.store.extend_lease(run, self.settings.worker_id,
                                                                              self.settings.worker_lease_seconds)):
