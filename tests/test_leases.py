@@ -19,6 +19,26 @@ async def _under_way(db_url: str, simulator, message) -> dict:
     return run
 
 
+async def _lease_runs_out(db_url: str, run_id) -> None:
+    """The run's lease expires (as after a long stall of the worker's event loop) and the worker
+    is woken to claim: the claim hands the run to it again, as a new attempt."""
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("update assistant_runs set lease_expires_at = now() - interval '1 second' where id = %s",
+                           (run_id,))
+        await conn.execute("select pg_notify('assistant_runs', %s)", (str(run_id),))
+
+
+async def _handed_back_while_writing(db_url: str, store, message) -> dict:
+    """Once the first attempt is writing its (held) reply, its lease runs out and the claim hands
+    the run back as attempt 2; the run as it was before."""
+    await asyncio.wait_for(store.held.wait(), 15)  # the first attempt is writing its reply
+    [run] = await query(db_url, "select * from assistant_runs where message_id = %s", (message,))
+    await _lease_runs_out(db_url, run["id"])
+    await wait_until(lambda: query(db_url, "select 1 from assistant_runs where id = %s and attempts = 2",
+                                   (run["id"],)), what="the claim to hand the run over again")
+    return run
+
+
 async def test_a_worker_that_claims_its_own_expired_run_again_abandons_the_old_attempt(db_url, simulator) -> None:
     simulator.latency = 60  # the first attempt would take a minute
     user, thread = await new_user_thread(db_url)
@@ -30,10 +50,7 @@ async def test_a_worker_that_claims_its_own_expired_run_again_abandons_the_old_a
         simulator.latency = 0.05  # the attempt that takes over answers at once
         # Its lease runs out (as after a long stall of the event loop) and the claim hands the run
         # to the same worker again, as attempt 2.
-        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-            await conn.execute("update assistant_runs set lease_expires_at = now() - interval '1 second' where id = %s",
-                               (run["id"],))
-            await conn.execute("select pg_notify('assistant_runs', %s)", (str(run["id"]),))
+        await _lease_runs_out(db_url, run["id"])
         await wait_until(lambda: query(db_url, "select 1 from assistant_runs where id = %s and status = 'completed'",
                                        (run["id"],)), what="the second attempt to answer")
         await wait_until(checking(lambda: first.canceled_at is not None), what="the first prediction to be cancelled")
@@ -84,14 +101,7 @@ async def test_a_reclaimed_run_whose_reply_is_being_written_is_not_asked_again(d
     try:
         async with running_worker(settings, db_url, store=store) as worker:
             message = await say(db_url, user, thread, "hello?")
-            await asyncio.wait_for(store.held.wait(), 15)  # the first attempt is writing its reply
-            [run] = await query(db_url, "select * from assistant_runs where message_id = %s", (message,))
-            async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-                await conn.execute("update assistant_runs set lease_expires_at = now() - interval '1 second'"
-                                   " where id = %s", (run["id"],))
-                await conn.execute("select pg_notify('assistant_runs', %s)", (str(run["id"]),))
-            await wait_until(lambda: query(db_url, "select 1 from assistant_runs where id = %s and attempts = 2",
-                                           (run["id"],)), what="the claim to hand the run over again")
+            run = await _handed_back_while_writing(db_url, store, message)
             store.let_go.set()
             await wait_until(lambda: query(db_url, "select 1 from assistant_runs where id = %s and status = 'completed'",
                                            (run["id"],)), what="the first attempt's reply")
@@ -122,14 +132,7 @@ async def test_a_reclaimed_run_waiting_at_shutdown_makes_no_prediction(db_url, s
     try:
         async with running_worker(settings, db_url, store=store) as worker:
             message = await say(db_url, user, thread, "hello?")
-            await asyncio.wait_for(store.held.wait(), 15)
-            [run] = await query(db_url, "select * from assistant_runs where message_id = %s", (message,))
-            async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-                await conn.execute("update assistant_runs set lease_expires_at = now() - interval '1 second'"
-                                   " where id = %s", (run["id"],))
-                await conn.execute("select pg_notify('assistant_runs', %s)", (str(run["id"]),))
-            await wait_until(lambda: query(db_url, "select 1 from assistant_runs where id = %s and attempts = 2",
-                                           (run["id"],)), what="the claim to hand the run over again")
+            run = await _handed_back_while_writing(db_url, store, message)
             worker.stop()  # shutdown begins while the new attempt waits
             store.let_go.set()
         # running_worker waited for the worker to end

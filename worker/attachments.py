@@ -21,7 +21,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
-import certifi
 import httpx
 
 from worker.config import Settings
@@ -66,9 +65,9 @@ def embedded_ipv4_is_global(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -
 
 @functools.cache
 def _tls() -> ssl.SSLContext:
-    """The certificate store, loaded once (a client per check would read it from disk each time,
-    on the event loop)."""
-    return ssl.create_default_context(cafile=certifi.where())
+    """httpx's own TLS context (certifi's CA bundle), built once: a client per check would read
+    the bundle from disk each time, on the event loop."""
+    return httpx.create_ssl_context(trust_env=False)
 
 
 async def head_pinned(url: str, addresses: list[str], *, verify: ssl.SSLContext | None = None,

@@ -240,19 +240,19 @@ class PostgresStore(RunStore):
                     async with conn.transaction():
                         await conn.execute("set local statement_timeout = 0")
                         found = await (await conn.execute(sql, params)).fetchall()
-                    return found if rows else found[0]["value"]
-                try:
-                    cursor = await conn.execute(sql, params)
-                except psycopg.errors.FeatureNotSupported as exc:
-                    if exc.diag.source_function != "RevalidateCachedQuery":  # whatever lc_messages says
-                        raise
-                    # A migration changed the function's result type since this connection
-                    # prepared the call (psycopg prepares repeated statements). Nothing ran: drop
-                    # the connection's prepared statements (psycopg forgets its own on DEALLOCATE
-                    # ALL) and call again, instead of failing on this connection until it is closed.
-                    await conn.execute("deallocate all")
-                    cursor = await conn.execute(sql, params)
-                found = await cursor.fetchall()
+                else:
+                    try:
+                        cursor = await conn.execute(sql, params)
+                    except psycopg.errors.FeatureNotSupported as exc:
+                        if exc.diag.source_function != "RevalidateCachedQuery":  # whatever lc_messages says
+                            raise
+                        # A migration changed the function's result type since this connection
+                        # prepared the call (psycopg prepares repeated statements). Nothing ran: drop
+                        # the connection's prepared statements (psycopg forgets its own on DEALLOCATE
+                        # ALL) and call again, instead of failing on this connection until it is closed.
+                        await conn.execute("deallocate all")
+                        cursor = await conn.execute(sql, params)
+                    found = await cursor.fetchall()
         except (psycopg.OperationalError, PoolTimeout) as exc:
             # connection lost, server restarting, or the statement timeout (QueryCanceled is an
             # OperationalError): nothing was written
