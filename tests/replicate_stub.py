@@ -51,6 +51,7 @@ class Call:
     headers: CIMultiDictProxy[str]
     body: bytes
     at: float  # time.monotonic() when it arrived
+    query: str = ""  # the query string, without the "?"
 
     def json(self) -> Any:
         return jsonlib.loads(self.body)
@@ -110,7 +111,8 @@ class ReplicateStub:
         return self.route("GET", path)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        call = Call(request.method, request.path, request.headers, await request.read(), time.monotonic())
+        call = Call(request.method, request.path, request.headers, await request.read(), time.monotonic(),
+                    request.query_string)
         for route in self.routes:
             if route.method == request.method and route.pattern.fullmatch(request.path):
                 route.calls.append(call)

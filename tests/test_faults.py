@@ -507,6 +507,32 @@ async def test_a_prediction_replicate_no_longer_knows_is_made_again(db_url, simu
     assert list(replies) == [message] and len(replies[message]) == 1
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["polled", "streamed"])
+async def test_a_create_whose_answer_is_lost_costs_no_second_prediction(db_url, simulator, stream) -> None:
+    # Replicate creates the prediction and its answer never arrives (a timeout): the worker finds
+    # that prediction in the account's list and answers with it. Before, the run's retry made a
+    # second prediction and the first ran on, paid for and unknown.
+    simulator.latency = 0.3
+    simulator.inject(Fault("lost"))
+    user, thread = await new_user_thread(db_url, plan="premium")
+    settings = worker_settings(simulator.base_url, replicate_prefer_wait_seconds=1, replicate_timeout_seconds=0.5,
+                               worker_retry_base_seconds=0.05)
+    async with running_worker(settings, db_url, stream=stream):
+        message = await say(db_url, user, thread, "did you get that?")
+        [run] = await finished_runs(db_url, 1, timeout=30)
+    assert simulator.faults == []
+    assert (run["status"], run["attempts"]) == ("completed", 1)
+    assert len(simulator.creates) == 1 and len(simulator.predictions) == 1
+    assert [r.path for r in simulator.requests if r.method == "GET" and r.path == "/v1/predictions"] == ["/v1/predictions"]
+    [prediction] = simulator.predictions.values()
+    events = await query(db_url, "select attempt, status, prediction_id"
+                                 " from assistant_inference_events")
+    assert events == [{"attempt": 1, "status": "succeeded", "prediction_id": prediction.id}]
+    replies = await replies_by_message(db_url)
+    assert list(replies) == [message] and len(replies[message]) == 1
+    await assert_usage_counted_once(db_url, user, 1)
+
+
 class WatchedStore(PostgresStore):
     """The worker's own store, noting each call that failed because the database was away."""
 

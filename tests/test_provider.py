@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -30,6 +32,7 @@ from worker.provider import (
     parse_retry_after,
     server_sent_events,
 )
+from worker.simulator import ReplicateSimulator
 
 CHAT_PATH = "/v1/models/meta/meta-llama-3-8b-instruct/predictions"
 
@@ -253,9 +256,79 @@ async def test_a_server_error_then_success(stub: ReplicateStub) -> None:
 
 async def test_a_read_timeout_on_create_is_not_repeated(stub: ReplicateStub) -> None:
     route = stub.post(CHAT_PATH).always(HANG)
+    listed = stub.get("/v1/predictions").respond(200, json={"next": None, "previous": None, "results": []})
     with pytest.raises(ProviderError) as error:
         await predict(settings(stub, replicate_prefer_wait_seconds=1, replicate_timeout_seconds=0.2))
     assert (error.value.code, error.value.retryable, route.call_count) == ("timeout", True, 1)
+    assert listed.call_count == 1  # it looked for a prediction the lost create might have started
+
+
+def listed(*predictions: dict[str, Any], next_url: str | None = None) -> dict[str, Any]:
+    return {"next": next_url, "previous": None, "results": list(predictions)}
+
+
+def iso(seconds_ago: float) -> str:
+    return datetime.fromtimestamp(time.time() - seconds_ago, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize("lost", [HANG, DROP, Reply(201, text="<html>bad gateway</html>")],
+                         ids=["timeout", "connection_broken", "garbled_201"])
+async def test_a_create_whose_answer_is_lost_uses_the_prediction_it_started(stub: ReplicateStub, lost: Any) -> None:
+    # The create reached Replicate and its answer was lost: the prediction it started is found in
+    # the account's list (page 2 here, past predictions of other inputs and models and a failed
+    # one of the same input) and used, so the run's retry does not pay for a second one.
+    mine = {"prompt": "hi", "max_tokens": 512}
+    create = stub.post(CHAT_PATH).always(lost)
+    first_page = listed(prediction(id="other-input", input={"prompt": "ho", "max_tokens": 512}, created_at=iso(0.1)),
+                        prediction(id="other-model", model="meta/meta-llama-3-70b-instruct", input=mine,
+                                   created_at=iso(0.1)),
+                        prediction("failed", id="failed-one", input=mine, created_at=iso(0.2)),
+                        next_url=f"{stub.base_url}/v1/predictions?cursor=c2")
+    second_page = listed(prediction("processing", output=[], id="mine", input=mine, created_at=iso(0.3)),
+                         prediction(id="too-old", input=mine, created_at=iso(3600)))
+    pages = stub.get("/v1/predictions").side_effect(Reply(200, json=first_page), Reply(200, json=second_page))
+    stub.get("/v1/predictions/mine").respond(200, json=prediction(id="mine", input=mine))
+    result = await predict(settings(stub, replicate_prefer_wait_seconds=1, replicate_timeout_seconds=0.3), model_input=mine,
+                           slept=[])
+    assert (result.id, result.text) == ("mine", "Navy goes with camel.")
+    assert create.call_count == 1
+    assert [c.query for c in pages.calls] == ["", "cursor=c2"]
+    assert all(c.headers["Authorization"] == "Bearer r8_test" for c in pages.calls)
+
+
+@pytest.mark.parametrize("case", ["nothing_matches", "list_refused", "foreign_next", "only_old_ones"])
+async def test_a_lost_create_whose_prediction_is_not_found_fails_for_the_runs_retry(stub: ReplicateStub,
+                                                                                   case: str) -> None:
+    mine = {"prompt": "hi"}
+    stub.post(CHAT_PATH).always(HANG)
+    pages = stub.get("/v1/predictions")
+    if case == "nothing_matches":
+        pages.respond(200, json=listed(prediction(id="x", input={"prompt": "hello"}, created_at=iso(0.1))))
+    elif case == "list_refused":
+        pages.respond(500, json={"title": "Server error", "detail": "boom", "status": 500})
+    elif case == "foreign_next":  # the next page elsewhere is not asked for: the request carries the token
+        pages.respond(200, json=listed(next_url="https://elsewhere.example/v1/predictions?cursor=2"))
+    else:  # newest first: once a page reaches before the request, the search ends
+        pages.respond(200, json=listed(prediction(id="old", input=mine, created_at=iso(3600)),
+                                       next_url=f"{stub.base_url}/v1/predictions?cursor=2"))
+    with pytest.raises(ProviderError) as error:
+        await predict(settings(stub, replicate_prefer_wait_seconds=1, replicate_timeout_seconds=0.2), model_input=mine)
+    assert error.value.code == "timeout" and error.value.retryable
+    assert pages.call_count == 1 and not stub.unmatched
+
+
+async def test_a_lost_create_never_takes_a_prediction_this_client_already_has(stub: ReplicateStub) -> None:
+    # Two runs of this worker with the same input: the first one's prediction is not the second's.
+    mine = {"prompt": "hi"}
+    stub.post(CHAT_PATH).side_effect(Reply(201, json=prediction(id="first", input=mine)), HANG)
+    stub.get("/v1/predictions").respond(200, json=listed(prediction(id="first", input=mine, created_at=iso(0.1))))
+    s = settings(stub, replicate_prefer_wait_seconds=1, replicate_timeout_seconds=0.2)
+    async with replicate_http(s) as http:
+        client = ReplicateClient(http, s)
+        assert (await client.predict(DEFAULT_CHAT_MODEL, mine)).id == "first"
+        with pytest.raises(ProviderError) as error:
+            await client.predict(DEFAULT_CHAT_MODEL, mine)
+    assert error.value.code == "timeout"
 
 
 async def test_a_caller_cancelled_while_a_create_waits_to_be_retried_creates_nothing(stub: ReplicateStub) -> None:
@@ -550,3 +623,26 @@ async def test_an_lf_chunk_ending_a_crlf_leaves_the_blank_line_after_it() -> Non
 
 async def test_an_empty_chunk_between_the_cr_and_the_lf_of_a_crlf_changes_nothing() -> None:
     assert await events_of(b"event: output\r", b"", b"\ndata: a\r\n\r\n") == [("output", "a")]
+
+
+async def test_the_simulator_lists_predictions_as_replicate_documents() -> None:
+    # GET /v1/predictions: newest first, a page at a time, `next` and `previous` as URLs to follow,
+    # each prediction with its input (what finding a lost create's prediction relies on).
+    simulator = ReplicateSimulator(token="r8_test", list_page_size=2)
+    await simulator.start()
+    try:
+        s = Settings(replicate_api_token="r8_test", replicate_base_url=simulator.base_url)
+        async with replicate_http(s) as http:
+            client = ReplicateClient(http, s)
+            made = [(await client.predict(DEFAULT_CHAT_MODEL, {"prompt": f"n{i}"})).id for i in range(3)]
+            auth = {"Authorization": "Bearer r8_test"}
+            async with http.get(f"{simulator.base_url}/v1/predictions", headers=auth) as response:
+                first = await response.json()
+            async with http.get(first["next"], headers=auth) as response:
+                second = await response.json()
+    finally:
+        await simulator.stop()
+    assert [p["id"] for p in first["results"]] == made[:0:-1] and first["previous"] is None
+    assert [p["id"] for p in second["results"]] == made[:1] and second["next"] is None
+    assert second["previous"].startswith(simulator.base_url)
+    assert [p["input"] for p in first["results"] + second["results"]] == [{"prompt": f"n{i}"} for i in (2, 1, 0)]

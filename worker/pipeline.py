@@ -317,9 +317,10 @@ class Worker:
                 await asyncio.wait(still_running, timeout=10)
         settling = [*self.provider.settling, *self.recording, *self.abandoned]
         if settling:
-            # A create held by Prefer: wait answers within the wait, else its read timeout ends it;
+            # A create held by Prefer: wait answers within the wait, else its read timeout ends it
+            # and the search for the prediction it may have started (bounded as one request);
             # then the cancel at Replicate (its own timeout) and the record in the database.
-            bound = self.settings.replicate_prefer_wait_seconds + 2 * self.settings.replicate_timeout_seconds + 5
+            bound = self.settings.replicate_prefer_wait_seconds + 3 * self.settings.replicate_timeout_seconds + 5
             log.info("waiting for creates on their way, to cancel their predictions",
                      extra={"event": "worker.settling", "creates": len(settling)})
             _, left = await asyncio.wait(settling, timeout=bound)

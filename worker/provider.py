@@ -41,6 +41,13 @@ TERMINAL = {"succeeded", "failed", "canceled", "aborted"}
 PREDICTION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # it goes into URLs: nothing else is accepted
 THROTTLE_RESET = re.compile(r"resets in ~?(\d+(?:\.\d+)?)\s*s")
 CANCEL_WITHIN_SECONDS = 15.0  # a cancel and its retries together
+# Finding the prediction of a create whose answer was lost (see `_find_created`): how many pages
+# of the account's predictions (100 each, newest first) are read, how far before the request the
+# search looks (Replicate's clock against ours), and how many created ids are remembered so two
+# of this worker's creates with the same input never take the same prediction.
+RECOVERY_PAGES = 5
+RECOVERY_CLOCK_MARGIN_SECONDS = 60.0
+KNOWN_PREDICTIONS = 4096
 
 
 class ProviderError(Exception):
@@ -129,6 +136,17 @@ def estimate_cost(model: ModelProfile, input_tokens: int | None, output_tokens: 
     else:
         return None
     return Decimal(cost).quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
+
+
+def _timestamp(value: Any) -> float | None:
+    """An ISO 8601 time of Replicate's ("2026-11-22T10:00:00.123456Z") as epoch seconds."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def active_seconds(prediction: Mapping[str, Any]) -> float | None:
@@ -289,6 +307,8 @@ class ReplicateClient:
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         # Creates whose caller was cancelled while they were on their way: see `_settle`.
         self.settling: set[asyncio.Task[None]] = set()
+        # The ids of the predictions this client created or found lately (insertion-ordered, bounded).
+        self._known: dict[str, None] = {}
         timeout = settings.replicate_timeout_seconds
         self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
         # A create held by Prefer: wait answers once the prediction ends: up to the wait, plus time.
@@ -353,20 +373,99 @@ class ReplicateClient:
 
         def created_nothing(exc: ProviderError) -> bool:
             # Only answers that created nothing. A read timeout, a connection broken once the
-            # request was sent or a garbled 201 may have created a prediction: the run's own retry
-            # decides, so one answer is not paid for twice.
+            # request was sent or a garbled 201 may have created a prediction: it is looked for
+            # below, and the run's own retry decides if it is not found.
             return exc.code in ("rate_limited", "provider_unavailable") and not exc.request_sent
 
+        sent_at: float | None = None
+
         async def attempt() -> dict[str, Any]:
+            nonlocal sent_at
             if self.create_limiter is not None:
                 await self.create_limiter.acquire()
             flight.create_in_flight = True
+            sent_at = sent_at or time.time()
             try:
                 return await self._request("POST", url, headers, body, timeout)
             finally:
                 flight.create_in_flight = False
 
-        return await retried(attempt, self._retrying(created_nothing, multiplier=0.5, most=8))
+        try:
+            prediction = await retried(attempt, self._retrying(created_nothing, multiplier=0.5, most=8))
+        except ProviderError as exc:
+            if sent_at is None or not (exc.request_sent or exc.code == "invalid_output"):
+                raise  # an answer that created nothing
+            # The request went out and its answer was lost (a timeout, a broken connection, a
+            # garbled 201): the prediction it may have started is looked for, not made again.
+            flight.create_in_flight = True  # a cancelled caller settles what is found
+            try:
+                # Bounded as a whole, like one request: shutdown waits for settling creates.
+                async with asyncio.timeout(self.settings.replicate_timeout_seconds):
+                    found = await self._find_created(model, payload["input"], headers, sent_at)
+            except TimeoutError:
+                log.warning("looking for the prediction of a lost create took too long", extra={
+                    "event": "prediction.recovery_failed", "error": "timeout"})
+                found = None
+            finally:
+                flight.create_in_flight = False
+            if found is None:
+                raise
+            log.warning("the answer to a create was lost; its prediction was found and is used", extra={
+                "event": "prediction.recovered", "prediction_id": found["id"], "error_code": exc.code})
+            prediction = found
+        self._remember(prediction["id"])
+        return prediction
+
+    def _remember(self, prediction_id: str) -> None:
+        self._known[prediction_id] = None
+        if len(self._known) > KNOWN_PREDICTIONS:
+            del self._known[next(iter(self._known))]
+
+    async def _find_created(self, model: ModelProfile, model_input: dict[str, Any], headers: dict[str, str],
+                            sent_at: float) -> dict[str, Any] | None:
+        """The prediction a create with a lost answer started, from the account's list of
+        predictions (GET /v1/predictions: newest first, 100 a page, each with its input): one of
+        `model` with exactly this input, not failed or canceled, not one this client knows
+        already, created since the request went out (less a margin for the clocks); of several,
+        the one created nearest that moment. None if there is none within RECOVERY_PAGES pages,
+        or the list cannot be read: the run's retry then creates anew."""
+        since = sent_at - RECOVERY_CLOCK_MARGIN_SECONDS
+        expected = json.loads(json.dumps(model_input, ensure_ascii=False, allow_nan=False))  # as Replicate echoes it
+        url = f"{self.base_url}/v1/predictions"
+        read_headers = {"Authorization": headers["Authorization"]}
+        found: list[tuple[float, dict[str, Any]]] = []
+        for _ in range(RECOVERY_PAGES):
+            try:
+                answer = await self._send("GET", url, read_headers, None, self._timeout)
+                if answer.status >= 400:
+                    raise error_from_response(answer)
+                page = jsonload.loads(answer.body)
+                results = page["results"]
+                if not isinstance(results, list):
+                    raise TypeError("results is not a list")
+            except (ProviderError, ValueError, TypeError, KeyError) as exc:
+                log.warning("looking for the prediction of a lost create failed", extra={
+                    "event": "prediction.recovery_failed", "error": repr(exc)[:200]})
+                break
+            older = False
+            for candidate in results:
+                created = _timestamp(candidate.get("created_at")) if isinstance(candidate, dict) else None
+                if created is None or created < since:
+                    older = older or created is not None
+                    continue
+                prediction_id = candidate.get("id")
+                if candidate.get("model") == model.slug and candidate.get("input") == expected \
+                        and candidate.get("status") in ("starting", "processing", "succeeded") \
+                        and isinstance(prediction_id, str) and PREDICTION_ID.fullmatch(prediction_id) \
+                        and prediction_id not in self._known:
+                    found.append((abs(created - sent_at), candidate))
+            following = page.get("next")
+            # Newest first: a page that reached past `since` ends the search. The next page is
+            # followed only on Replicate's own host (the request carries the token).
+            if older or not isinstance(following, str) or not following.startswith(f"{self.base_url}/"):
+                break
+            url = following
+        return min(found, key=lambda match: match[0])[1] if found else None
 
     def _retrying(self, transient: Callable[[ProviderError], bool], *, multiplier: float,
                   most: float) -> Callable[[], AsyncRetrying]:
@@ -589,8 +688,9 @@ class ReplicateClient:
                 handle: PredictionHandle) -> asyncio.Task[None]:
         """Lets a create whose caller was cancelled answer, then cancels the prediction it
         started (a held create may even answer with the prediction ended: it is then only
-        recorded in `handle`). A create that fails created nothing that can be found: a timeout
-        may leave a prediction behind, the gap the README names."""
+        recorded in `handle`). A create whose answer was lost answers with the prediction it
+        started if `_find_created` finds it; one it does not find may run on at Replicate, the
+        gap the README names."""
         async def settle() -> None:
             try:
                 prediction = await create

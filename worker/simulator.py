@@ -36,7 +36,8 @@ class Fault:
     kind: `http` (answer `status` with a problem+json body, `retry_after` as header if set,
     `detail` as message), `failed` / `canceled` (the prediction ends so), `malformed` (the
     prediction succeeds with an output that is not text), `garbage` (a 201, or 200 for a read, that is not JSON),
-    `hang` (the create request never answers), `stream_error` (the stream sends an `error`
+    `hang` (the create request never answers), `lost` (the prediction is created and runs, but
+    the create's answer never comes: a timeout that leaves a prediction behind), `stream_error` (the stream sends an `error`
     event halfway and the prediction fails), `stream_break` (the stream is cut halfway, the
     prediction itself succeeds), `stream_stall` (the stream falls silent halfway and stays open,
     the prediction itself succeeds).
@@ -184,6 +185,7 @@ class ReplicateSimulator:
     requests: list[RecordedRequest] = field(default_factory=list)
     predictions: dict[str, SimPrediction] = field(default_factory=dict)
     base_url: str = ""
+    list_page_size: int = 100  # GET /v1/predictions: Replicate's 100 a page
     _runner: web.AppRunner | None = None
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
@@ -222,6 +224,7 @@ class ReplicateSimulator:
         app = web.Application()
         app.router.add_post("/v1/models/{owner}/{name}/predictions", self._create_official)
         app.router.add_post("/v1/predictions", self._create_version)
+        app.router.add_get("/v1/predictions", self._list)
         app.router.add_get("/v1/predictions/{id}", self._get)
         app.router.add_post("/v1/predictions/{id}/cancel", self._cancel)
         app.router.add_get("/v1/streams/{id}", self._stream)
@@ -306,6 +309,9 @@ class ReplicateSimulator:
             if fault.kind == "stream_error":
                 prediction.end_as, prediction.error = "failed", "the model crashed while streaming"
         self.predictions[prediction.id] = prediction
+        if fault and fault.kind == "lost":
+            await self._closing.wait()  # created, running, and never answered
+            return web.Response(status=503)
         if prefer:
             wait = min(float(prefer.group(1) or 60), prediction.latency)
             if wait > 0:
@@ -332,6 +338,25 @@ class ReplicateSimulator:
         if refusal is not None:
             return refusal
         return web.json_response(prediction.to_json(time.time()))
+
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        """The account's predictions, newest first, a page at a time with `next` / `previous`
+        cursor URLs, each prediction as a read returns it (its input included)."""
+        _, refusal = await self._record(request)
+        if refusal:
+            return refusal
+        newest_first = sorted(self.predictions.values(), key=lambda p: (p.created, p.id), reverse=True)
+        try:
+            start = max(0, int(request.query.get("cursor", "0")))
+        except ValueError:
+            return self._problem(400, "Invalid cursor", "The cursor is not one this API gave")
+        page = newest_first[start:start + self.list_page_size]
+        cursor = lambda at: f"{self.base_url}/v1/predictions?cursor={at}"  # noqa: E731
+        now = time.time()
+        return web.json_response({
+            "next": cursor(start + self.list_page_size) if start + self.list_page_size < len(newest_first) else None,
+            "previous": cursor(max(0, start - self.list_page_size)) if start else None,
+            "results": [prediction.to_json(now) for prediction in page]})
 
     async def _account(self, request: web.Request) -> web.StreamResponse:
         _, refusal = await self._record(request)
