@@ -22,7 +22,7 @@ from tests.conftest import user_message
 from tests.postgrest import create_user, request
 from tests.supabase_emulator import SupabaseEmulator
 from tests.test_supabase_transport import start_worker, stop_worker, supabase_settings
-from worker.attachments import ImageRefused, ImageResolver, head_pinned
+from worker.attachments import ImageRefused, ImageResolver, _tls, head_pinned
 from worker.config import Settings
 from worker.store import PostgresStore
 
@@ -119,9 +119,9 @@ async def test_the_check_connects_to_the_address_it_checked() -> None:
 
 
 @pytest.fixture
-async def tls_image_host() -> AsyncIterator[tuple[int, ssl.SSLContext, list[tuple[str | None, str | None]]]]:
+async def tls_image_host() -> AsyncIterator[tuple[int, ssl.SSLContext, list[tuple[str | None, str | None]], trustme.CA]]:
     """A real TLS server on loopback with a certificate for images.example only: its port, a
-    client context trusting its CA, and (SNI, Host) of each request it got."""
+    client context trusting its CA, (SNI, Host) of each request it got, and the CA."""
     ca = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("images.example").configure_cert(server_context)
@@ -142,14 +142,14 @@ async def tls_image_host() -> AsyncIterator[tuple[int, ssl.SSLContext, list[tupl
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield port, client_context, seen
+    yield port, client_context, seen, ca
     await runner.cleanup()
 
 
 async def test_the_pinned_check_verifies_the_certificate_of_the_host_name(tls_image_host) -> None:
     """Over real TLS: connected to the address, the server name sent and the certificate checked
     are the URL's host name; a certificate for another name is refused."""
-    port, trust, seen = tls_image_host
+    port, trust, seen, _ = tls_image_host
     response = await head_pinned(f"https://images.example:{port}/a.png", ["127.0.0.1"], verify=trust)
     assert response.status_code == 200 and response.headers["content-type"].startswith("image/png")
     assert seen == [("images.example", f"images.example:{port}")]
@@ -160,11 +160,32 @@ async def test_the_pinned_check_verifies_the_certificate_of_the_host_name(tls_im
 async def test_the_pinned_check_tries_the_next_checked_address(tls_image_host) -> None:
     """A host with several addresses, the first not answering (nothing listens on 127.0.0.2):
     the next one checked is used, never a name resolved again."""
-    port, trust, seen = tls_image_host
+    port, trust, seen, _ = tls_image_host
     response = await head_pinned(f"https://images.example:{port}/a.png", ["127.0.0.2", "127.0.0.1"], verify=trust)
     assert response.status_code == 200 and len(seen) == 1
     with pytest.raises(httpx.ConnectError):
         await head_pinned(f"https://images.example:{port}/a.png", ["127.0.0.2"], verify=trust)
+
+
+async def test_the_check_trusts_the_ca_bundle_the_operator_names(tls_image_host, tmp_path, monkeypatch) -> None:
+    """SSL_CERT_FILE (or SSL_CERT_DIR) replaces certifi's bundle, as for the worker's other TLS
+    clients: an operator whose egress re-signs TLS with a private CA names it there."""
+    port, _, seen, ca = tls_image_host
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    url = f"https://images.example:{port}/a.png"
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    _tls.cache_clear()
+    try:
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await head_pinned(url, ["127.0.0.1"])  # certifi's bundle does not know this CA
+        monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+        _tls.cache_clear()
+        response = await head_pinned(url, ["127.0.0.1"])
+    finally:
+        _tls.cache_clear()
+    assert response.status_code == 200 and seen == [("images.example", f"images.example:{port}")]
 
 
 async def test_behind_an_operators_proxy_the_check_goes_through_it(monkeypatch) -> None:

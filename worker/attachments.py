@@ -65,9 +65,10 @@ def embedded_ipv4_is_global(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -
 
 @functools.cache
 def _tls() -> ssl.SSLContext:
-    """httpx's own TLS context (certifi's CA bundle), built once: a client per check would read
-    the bundle from disk each time, on the event loop."""
-    return httpx.create_ssl_context(trust_env=False)
+    """httpx's own TLS context, built once (a client per check would read the CA bundle from disk
+    each time, on the event loop): certifi's bundle, or the one SSL_CERT_FILE / SSL_CERT_DIR
+    names, as OpenSSL's default for the worker's aiohttp and websocket clients honours them."""
+    return httpx.create_ssl_context(trust_env=True)
 
 
 async def head_pinned(url: str, addresses: list[str], *, verify: ssl.SSLContext | None = None,
