@@ -1,6 +1,6 @@
 """A worker whose lease on a run is no longer its own stops that attempt: its prediction is
-cancelled at Replicate, nothing of it is recorded, and the attempt that holds the lease answers,
-once. Covers the worker claiming its own expired run again (the old attempt was left running and
+cancelled at Replicate, the attempt is recorded on a failed `lease_lost` event (not charged to
+the user), and the attempt that holds the lease answers, once. Covers the worker claiming its own expired run again (the old attempt was left running and
 its end dropped the new attempt from the worker's books) and a run taken over by another worker."""
 
 from __future__ import annotations
@@ -60,9 +60,21 @@ async def test_a_worker_that_claims_its_own_expired_run_again_abandons_the_old_a
     assert done == {"status": "completed", "attempts": 2}
     replies = await query(db_url, "select content from assistant_messages where reply_to = %s", (message,))
     assert len(replies) == 1
-    events = await query(db_url, "select attempt, status from assistant_inference_events where run_id = %s", (run["id"],))
-    assert events == [{"attempt": 2, "status": "succeeded"}]  # the abandoned attempt records nothing
+    events = await query(db_url, "select attempt, status, error_code, prediction_id, cost_estimate_usd > 0 as paid"
+                                 " from assistant_inference_events where run_id = %s order by attempt", (run["id"],))
+    [second] = [p for p in simulator.predictions.values() if p is not first]
+    # The abandoned attempt is on an event of its own, with what its cancelled prediction consumed.
+    assert events == [{"attempt": 1, "status": "failed", "error_code": "lease_lost", "prediction_id": first.id,
+                       "paid": True},
+                      {"attempt": 2, "status": "succeeded", "error_code": None, "prediction_id": second.id,
+                       "paid": True}]
     assert len(simulator.predictions) == 2
+    # The user's usage counts the reply they were given, not the abandoned attempt.
+    [usage] = await query(db_url, "select w.tokens, e.input_tokens + e.output_tokens as replied"
+                                  " from ai_usage_windows w, assistant_inference_events e"
+                                  " where w.user_id = %s and w.time_window = 'day' and e.run_id = %s and e.attempt = 2",
+                          (user, run["id"]))
+    assert usage["tokens"] == usage["replied"]
 
 
 async def test_a_worker_whose_run_was_taken_over_stops_its_attempt(db_url, simulator) -> None:
@@ -85,7 +97,9 @@ async def test_a_worker_whose_run_was_taken_over_stops_its_attempt(db_url, simul
     [left] = await query(db_url, "select status, lease_owner, attempts from assistant_runs where id = %s", (run["id"],))
     assert left == {"status": "in_progress", "lease_owner": "another-worker", "attempts": 2}  # untouched
     assert await query(db_url, "select 1 from assistant_messages where reply_to = %s", (message,)) == []
-    assert await query(db_url, "select 1 from assistant_inference_events") == []
+    events = await query(db_url, "select run_id, attempt, status, error_code, prediction_id from assistant_inference_events")
+    assert events == [{"run_id": run["id"], "attempt": 1, "status": "failed", "error_code": "lease_lost",
+                       "prediction_id": prediction.id}]
 
 
 async def test_a_reclaimed_run_whose_reply_is_being_written_is_not_asked_again(db_url, simulator) -> None:

@@ -432,6 +432,51 @@ def test_record_orphaned_consumption_says_what_it_needs(conn, owner, consumed) -
         conn.execute("select record_orphaned_consumption(gen_random_uuid(), %s, %s)", (owner, value))
 
 
+def test_an_abandoned_attempt_is_recorded_once_and_not_charged(conn, owner, thread) -> None:
+    """record_abandoned_attempt: the attempt whose worker lost the lease gets a failed lease_lost
+    event with what its prediction consumed, once; the user's usage is not touched; the run is
+    left to the attempt that holds the lease, which answers with its own event."""
+    say(conn, owner, thread)
+    [first] = claim(conn, "w1")
+    expire_lease(conn, first["run_id"])
+    [second] = claim(conn, "w2")
+    assert second["attempt"] == 2
+    consumed = {"attempt": 1, "model": MODEL, "prediction_id": "pred-abandoned", "input_tokens": 40,
+                "output_tokens": 3, "cost_usd": "0.000004"}
+    record = "select record_abandoned_attempt(%s, %s)"
+    before = conn.execute(COUNTERS, (owner,)).fetchall()
+    assert conn.execute(record, (first["run_id"], psycopg.types.json.Jsonb(consumed))).fetchone()[0] is True
+    assert conn.execute(record, (first["run_id"], psycopg.types.json.Jsonb(consumed))).fetchone()[0] is False  # once
+    assert conn.execute(COUNTERS, (owner,)).fetchall() == before  # not the user's usage
+    assert run_row(conn, first["run_id"])["status"] == "in_progress"  # the run is attempt 2's
+    complete(conn, second, p_prediction_id="pred-second")
+    events = conn.execute("select attempt, status, error_code, prediction_id, input_tokens, output_tokens,"
+                          " cost_estimate_usd from assistant_inference_events order by attempt").fetchall()
+    assert events[0] == (1, "failed", "lease_lost", "pred-abandoned", 40, 3, Decimal("0.000004"))
+    assert [e[:4] for e in events] == [(1, "failed", "lease_lost", "pred-abandoned"),
+                                       (2, "succeeded", None, "pred-second")]
+    # An attempt that never left the starting line is recorded too, without a prediction.
+    say(conn, owner, thread, "second message")
+    [third] = claim(conn, "w1")
+    expire_lease(conn, third["run_id"])
+    claim(conn, "w2")
+    nothing = {"attempt": 1, "model": "not_started", "prediction_id": None}
+    assert conn.execute(record, (third["run_id"], psycopg.types.json.Jsonb(nothing))).fetchone()[0] is True
+    # A run deleted meanwhile: nothing to record it on.
+    conn.execute("delete from assistant_runs where id = %s", (third["run_id"],))
+    assert conn.execute(record, (third["run_id"], psycopg.types.json.Jsonb({"attempt": 2}))).fetchone()[0] is False
+
+
+@pytest.mark.parametrize("consumed", [None, {}, {"attempt": "1"}, {"prediction_id": "p"}, [1], {"attempt": 0},
+                                      {"attempt": 3}])
+def test_record_abandoned_attempt_says_what_it_needs(conn, owner, thread, consumed) -> None:
+    say(conn, owner, thread)
+    [run] = claim(conn)
+    value = None if consumed is None else psycopg.types.json.Jsonb(consumed)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="are required|is not one of run"):
+        conn.execute("select record_abandoned_attempt(%s, %s)", (run["run_id"], value))
+
+
 def test_release_gives_the_attempt_back(conn, owner, thread) -> None:
     say(conn, owner, thread)
     [run] = claim(conn, "w1")
@@ -504,6 +549,7 @@ def test_concurrent_claims_are_disjoint(db_url: str, conn, owner, thread) -> Non
     "select record_cancelled_consumption(gen_random_uuid(), '{}')",
     "select prune_usage_windows()",
     "select record_orphaned_consumption(gen_random_uuid(), gen_random_uuid(), '{}')",
+    "select record_abandoned_attempt(gen_random_uuid(), '{\"attempt\": 1}')",
 ])
 @pytest.mark.parametrize("actor", ["anon", "authenticated"])
 def test_clients_cannot_call_worker_functions(conn, owner, call: str, actor: str) -> None:

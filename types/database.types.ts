@@ -1230,6 +1230,10 @@ export type Database = {
         }
         Returns: number
       }
+      record_abandoned_attempt: {
+        Args: { p_consumed: Json; p_run_id: string }
+        Returns: boolean
+      }
       record_cancelled_consumption: {
         Args: { p_consumed: Json; p_run_id: string }
         Returns: boolean

@@ -393,8 +393,12 @@ class Worker:
                 await self._record_orphaned(run, self._consumed(run, request, handle))
         except asyncio.CancelledError:
             if me in self.abandoned:
-                # The lease is another attempt's now (its prediction was cancelled at Replicate by
-                # the provider): nothing to record, and the run is not ours to give back.
+                # The lease is another attempt's now: the run is not ours to give back. The
+                # prediction was cancelled at Replicate by the provider (or will be, once its
+                # create answers); what it consumed is recorded on this attempt's own event.
+                recording = asyncio.create_task(self._record_abandoned(run, request, handle))
+                self.recording.add(recording)
+                recording.add_done_callback(self.recording.discard)
                 return
             if run.run_id in self.cancelling:
                 # The user cancelled: the prediction was cancelled at Replicate by the provider (or
@@ -503,6 +507,23 @@ class Worker:
             return
         if recorded:
             self._paid(late)
+
+    async def _record_abandoned(self, run: ClaimedRun, request: ModelRequest | None, handle: PredictionHandle) -> None:
+        """Records an abandoned attempt (a failed `lease_lost` event, not charged to the user),
+        once a create still on its way has answered and its prediction has been cancelled."""
+        if handle.settling is not None:
+            with contextlib.suppress(Exception):
+                await handle.settling
+        consumed = self._consumed(run, request, handle)
+        try:
+            recorded = await self._store_call(lambda: self.store.record_abandoned_attempt(run, consumed))
+        except Exception as exc:
+            log.warning("recording an abandoned attempt failed", extra={
+                "event": "run.abandoned_record_failed", "run_id": str(run.run_id), "attempt": run.attempt,
+                "prediction_id": consumed["prediction_id"], "error": str(exc)[:200]})
+            return
+        if recorded:
+            self._paid(consumed)
 
     async def _record_orphaned(self, run: ClaimedRun, consumed: dict[str, Any]) -> None:
         """Charges what the prediction of a run deleted meanwhile consumed (once per prediction)."""

@@ -152,6 +152,12 @@ class RunStore(ABC):
         when the run's cancelled event already says (see the migration 20261123000400)."""
         return bool(await self.call("record_cancelled_consumption", {"p_run_id": run.run_id, "p_consumed": consumed}))
 
+    async def record_abandoned_attempt(self, run: ClaimedRun, consumed: dict[str, Any]) -> bool:
+        """An attempt abandoned because its lease was lost, with what its prediction consumed
+        (not charged to the user); false when the attempt has an event already or the run is
+        gone (see the migration 20261123001200)."""
+        return bool(await self.call("record_abandoned_attempt", {"p_run_id": run.run_id, "p_consumed": consumed}))
+
     async def cancelled_runs(self, run_ids: list[uuid.UUID]) -> set[uuid.UUID]:
         rows = await self.call("cancelled_runs", {"p_run_ids": [str(r) for r in run_ids]}, rows=True)
         return {uuid.UUID(str(row["run_id"])) for row in rows}
