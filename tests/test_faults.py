@@ -517,9 +517,10 @@ async def test_a_create_whose_answer_is_lost_costs_no_second_prediction(db_url, 
     user, thread = await new_user_thread(db_url, plan="premium")
     settings = worker_settings(simulator.base_url, replicate_prefer_wait_seconds=1, replicate_timeout_seconds=0.5,
                                worker_retry_base_seconds=0.05)
-    async with running_worker(settings, db_url, stream=stream):
+    async with running_worker(settings, db_url, stream=stream) as worker:
         message = await say(db_url, user, thread, "did you get that?")
         [run] = await finished_runs(db_url, 1, timeout=30)
+    assert worker.metrics.registry.get_sample_value("assistant_lost_creates_total", {"outcome": "found"}) == 1
     assert simulator.faults == []
     assert (run["status"], run["attempts"]) == ("completed", 1)
     assert len(simulator.creates) == 1 and len(simulator.predictions) == 1

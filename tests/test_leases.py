@@ -56,6 +56,7 @@ async def test_a_worker_that_claims_its_own_expired_run_again_abandons_the_old_a
         await wait_until(checking(lambda: first.canceled_at is not None), what="the first prediction to be cancelled")
         await wait_until(checking(lambda: not worker.inflight), what="the worker's books to empty")
     assert worker.counts["abandoned"] == 1
+    assert worker.metrics.registry.get_sample_value("assistant_attempts_abandoned_total") == 1
     [done] = await query(db_url, "select status, attempts from assistant_runs where id = %s", (run["id"],))
     assert done == {"status": "completed", "attempts": 2}
     replies = await query(db_url, "select content from assistant_messages where reply_to = %s", (message,))

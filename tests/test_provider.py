@@ -311,10 +311,16 @@ async def test_a_lost_create_whose_prediction_is_not_found_fails_for_the_runs_re
     else:  # newest first: once a page reaches before the request, the search ends
         pages.respond(200, json=listed(prediction(id="old", input=mine, created_at=iso(3600)),
                                        next_url=f"{stub.base_url}/v1/predictions?cursor=2"))
-    with pytest.raises(ProviderError) as error:
-        await predict(settings(stub, replicate_prefer_wait_seconds=1, replicate_timeout_seconds=0.2), model_input=mine)
+    s = settings(stub, replicate_prefer_wait_seconds=1, replicate_timeout_seconds=0.2)
+    outcomes: list[str] = []
+    async with replicate_http(s) as http:
+        client = ReplicateClient(http, s)
+        client.on_lost_create = outcomes.append
+        with pytest.raises(ProviderError) as error:
+            await client.predict(DEFAULT_CHAT_MODEL, mine)
     assert error.value.code == "timeout" and error.value.retryable
     assert pages.call_count == 1 and not stub.unmatched
+    assert outcomes == ["unreadable" if case == "list_refused" else "not_found"]
 
 
 async def test_a_lost_create_never_takes_a_prediction_this_client_already_has(stub: ReplicateStub) -> None:

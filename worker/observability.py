@@ -41,6 +41,10 @@ class Metrics:
         self.cancelled = Counter("assistant_runs_cancelled", "Runs cancelled by their user while in flight", registry=r)
         self.blocked = Counter("assistant_runs_blocked", "Runs refused at admission, by reason", ["error_code"], registry=r)
         self.released = Counter("assistant_runs_released", "Runs given back at shutdown", registry=r)
+        self.abandoned = Counter("assistant_attempts_abandoned", "Attempts stopped because their lease was lost",
+                                 registry=r)
+        self.lost_creates = Counter("assistant_lost_creates", "Creates whose answer was lost, by whether their "
+                                    "prediction was found", ["outcome"], registry=r)
         self.in_flight = Gauge("assistant_runs_in_flight", "Runs this worker is working on", registry=r)
         self.queue_depth = Gauge("assistant_queue_due", "Runs due now and not claimed (all workers)", registry=r)
         self.queue_in_progress = Gauge("assistant_queue_in_progress", "Runs in progress (all workers)", registry=r)

@@ -79,6 +79,7 @@ class Worker:
         self._backlog = True
         self.user_tokens = UserTokens(store, settings.byok_encryption_key)
         self.metrics = Metrics()
+        self.provider.on_lost_create = lambda outcome: self.metrics.lost_creates.labels(outcome).inc()
         self.publisher = publisher if settings.stream_replies else None
         self.stream_budget = StreamBudget(settings.stream_max_messages_per_second)
         self.cancelling: set[uuid.UUID] = set()
@@ -88,7 +89,7 @@ class Worker:
         # Cancelled runs whose create was still on its way: what it consumed is recorded once it answers.
         self.recording: set[asyncio.Task[None]] = set()
         # Attempts whose lease was lost (taken over, by another worker or by this one): stopped,
-        # their prediction cancelled, nothing recorded; the attempt that holds the lease answers.
+        # their prediction cancelled, recorded as lease_lost; the attempt that holds the lease answers.
         self.abandoned: set[asyncio.Task[None]] = set()
         self._check_cancellations = asyncio.Event()
         self.completions: Batcher[Completion, uuid.UUID | None] = Batcher(self._complete_batch, COMPLETE_BATCH)
@@ -295,6 +296,7 @@ class Worker:
         self.abandoned.add(task)
         task.add_done_callback(self.abandoned.discard)
         self.counts["abandoned"] += 1
+        self.metrics.abandoned.inc()
         log.warning("attempt abandoned: its lease is no longer ours", extra={
             "event": "run.abandoned", "run_id": str(run.run_id), "reason": why,
             ("taken_over_by_attempt" if why == "reclaimed" else "attempt"): run.attempt})

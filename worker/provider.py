@@ -309,6 +309,8 @@ class ReplicateClient:
         self.settling: set[asyncio.Task[None]] = set()
         # The ids of the predictions this client created or found lately (insertion-ordered, bounded).
         self._known: dict[str, None] = {}
+        # Told how each search for a lost create's prediction ended: found, not_found or unreadable.
+        self.on_lost_create: Callable[[str], None] | None = None
         timeout = settings.replicate_timeout_seconds
         self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
         # A create held by Prefer: wait answers once the prediction ends: up to the wait, plus time.
@@ -401,13 +403,15 @@ class ReplicateClient:
             try:
                 # Bounded as a whole, like one request: shutdown waits for settling creates.
                 async with asyncio.timeout(self.settings.replicate_timeout_seconds):
-                    found = await self._find_created(model, payload["input"], headers, sent_at)
+                    outcome, found = await self._find_created(model, payload["input"], headers, sent_at)
             except TimeoutError:
                 log.warning("looking for the prediction of a lost create took too long", extra={
                     "event": "prediction.recovery_failed", "error": "timeout"})
-                found = None
+                outcome, found = "unreadable", None
             finally:
                 flight.create_in_flight = False
+            if self.on_lost_create is not None:
+                self.on_lost_create(outcome)
             if found is None:
                 raise
             log.warning("the answer to a create was lost; its prediction was found and is used", extra={
@@ -422,13 +426,14 @@ class ReplicateClient:
             del self._known[next(iter(self._known))]
 
     async def _find_created(self, model: ModelProfile, model_input: dict[str, Any], headers: dict[str, str],
-                            sent_at: float) -> dict[str, Any] | None:
+                            sent_at: float) -> tuple[str, dict[str, Any] | None]:
         """The prediction a create with a lost answer started, from the account's list of
         predictions (GET /v1/predictions: newest first, 100 a page, each with its input): one of
         `model` with exactly this input, not failed or canceled, not one this client knows
         already, created since the request went out (less a margin for the clocks); of several,
-        the one created nearest that moment. None if there is none within RECOVERY_PAGES pages,
-        or the list cannot be read: the run's retry then creates anew."""
+        the one created nearest that moment. With how the search ended: "found", "not_found"
+        (none within RECOVERY_PAGES pages) or "unreadable" (the list could not be read); the
+        run's retry then creates anew."""
         since = sent_at - RECOVERY_CLOCK_MARGIN_SECONDS
         expected = json.loads(json.dumps(model_input, ensure_ascii=False, allow_nan=False))  # as Replicate echoes it
         url = f"{self.base_url}/v1/predictions"
@@ -446,6 +451,8 @@ class ReplicateClient:
             except (ProviderError, ValueError, TypeError, KeyError) as exc:
                 log.warning("looking for the prediction of a lost create failed", extra={
                     "event": "prediction.recovery_failed", "error": repr(exc)[:200]})
+                if not found:
+                    return "unreadable", None
                 break
             older = False
             for candidate in results:
@@ -465,7 +472,7 @@ class ReplicateClient:
             if older or not isinstance(following, str) or not following.startswith(f"{self.base_url}/"):
                 break
             url = following
-        return min(found, key=lambda match: match[0])[1] if found else None
+        return ("found", min(found, key=lambda match: match[0])[1]) if found else ("not_found", None)
 
     def _retrying(self, transient: Callable[[ProviderError], bool], *, multiplier: float,
                   most: float) -> Callable[[], AsyncRetrying]:
