@@ -6,7 +6,7 @@
   body (bare value, array of rows, or 204 for void) and PostgREST's error objects and statuses
   (`{"code", "details", "hint", "message"}`; SQLSTATE -> HTTP status as in PostgREST's
   src/PostgREST/Error.hs; a database it cannot connect to is 503 PGRST000, a connection lost
-  during the call 503 PGRST001).
+  during the call 503 PGRST001, no schema cache loaded 503 PGRST002).
 - Realtime: `GET /realtime/v1/websocket?apikey=…&vsn=1.0.0`, Phoenix V1 JSON frames: phx_join
   with a postgres_changes config answered by phx_reply with binding ids, then the "Subscribed to
   PostgreSQL" system message (or, when subscribing fails, a system message with status "error"
@@ -21,7 +21,9 @@ Faults for tests: `drop_connections()` closes every socket abnormally, `refuse_f
 answers websocket upgrades with 503 meanwhile, `stall_connections()` makes every open socket
 half-open (silent both ways, never closed), `fail_postgres_changes()` makes subscribing to
 database changes fail until `restore_postgres_changes()`, `cut_database()` makes PostgREST's
-connections to the database fail until `restore_database()`."""
+connections to the database fail until `restore_database()`, `lose_schema_cache()` makes it
+answer every request with PGRST002 (its schema cache could not be loaded, as while the database
+is being migrated or restarted) until `restore_schema_cache()`."""
 
 from __future__ import annotations
 
@@ -170,6 +172,7 @@ class SupabaseEmulator:
     postgres_changes_flapping: float | None = None  # seconds a subscription lasts before it fails
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     database_cut: socket.socket | None = None  # while set: a bound port nobody listens on
+    schema_cache_lost: bool = False  # while set: every RPC answers 503 PGRST002
     delivered: int = 0
     refused: int = 0  # websocket upgrades answered 503 while refusing
     changes: list[dict[str, Any]] = field(default_factory=list)  # the postgres_changes payloads sent
@@ -260,6 +263,14 @@ class SupabaseEmulator:
             self.database_cut.close()
             self.database_cut = None
 
+    def lose_schema_cache(self) -> None:
+        """PostgREST has no schema cache (it could not query the database for it, and retries):
+        every request is answered 503 PGRST002 until `restore_schema_cache()`."""
+        self.schema_cache_lost = True
+
+    def restore_schema_cache(self) -> None:
+        self.schema_cache_lost = False
+
     # -- PostgREST ------------------------------------------------------------------------------
     @staticmethod
     def _claims(request: web.Request) -> dict[str, Any] | web.Response:
@@ -291,6 +302,9 @@ class SupabaseEmulator:
         return response
 
     async def _call(self, fn: str, args: dict[str, Any], claims: dict[str, Any]) -> web.Response:
+        if self.schema_cache_lost:
+            return web.json_response(error_body("PGRST002", "Could not query the database for the schema cache. Retrying."),
+                                     status=503)
         url = self.db_url
         if self.database_cut is not None:
             url = make_conninfo(self.db_url, host="127.0.0.1", port=self.database_cut.getsockname()[1])

@@ -248,8 +248,9 @@ def test_which_postgrest_errors_are_retried(code: str, retry: bool) -> None:
     assert transient(code) is retry
 
 
+@pytest.mark.parametrize("outage", ["connection_refused", "schema_cache_lost"])
 async def test_a_database_outage_behind_postgrest_is_retried_and_the_reply_written_once(db_url, simulator,
-                                                                                       supabase) -> None:
+                                                                                       supabase, outage) -> None:
     user, thread = await new_user_thread(db_url)
     simulator.latency = 1.0
     worker, task, http = await start_worker(supabase_settings(simulator, supabase))
@@ -261,7 +262,10 @@ async def test_a_database_outage_behind_postgrest_is_retried_and_the_reply_writt
         await wait_until(lambda: live(worker), what="the subscription")
         message = await say(db_url, user, thread, "answered across an outage")
         await wait_until(checking(lambda: len(simulator.creates) == 1), what="the prediction to start")
-        supabase.cut_database()  # PostgREST can no longer reach the database
+        if outage == "connection_refused":
+            supabase.cut_database()  # PostgREST can no longer reach the database
+        else:
+            supabase.lose_schema_cache()  # PostgREST could not load its schema cache, and retries
         async with httpx.AsyncClient() as client:
             refused = await client.post(f"{supabase.base_url}/rest/v1/rpc/run_queue_status", json={},
                                         headers={"apikey": supabase.service_role_key,
@@ -269,8 +273,12 @@ async def test_a_database_outage_behind_postgrest_is_retried_and_the_reply_writt
         assert refused.status_code == 503
         body = refused.json()
         assert list(body) == ["code", "details", "hint", "message"]
-        assert (body["code"], body["hint"], body["message"]) == ("PGRST000", None, "Database connection error.")
-        assert "Connection refused" in body["details"]
+        if outage == "connection_refused":
+            assert (body["code"], body["hint"], body["message"]) == ("PGRST000", None, "Database connection error.")
+            assert "Connection refused" in body["details"]
+        else:
+            assert body == {"code": "PGRST002", "details": None, "hint": None,
+                            "message": "Could not query the database for the schema cache. Retrying."}
         with pytest.raises(StoreUnavailable):
             await worker.store.queue_status()
         # The prediction ends; writing its reply fails and is tried again while the outage lasts.
@@ -278,6 +286,7 @@ async def test_a_database_outage_behind_postgrest_is_retried_and_the_reply_writt
         [in_flight] = await query(db_url, "select status, attempts from assistant_runs where message_id = %s", (message,))
         assert in_flight == {"status": "in_progress", "attempts": 1}
         supabase.restore_database()
+        supabase.restore_schema_cache()
         [run] = await finished_runs(db_url, 1, timeout=20)
     finally:
         await stop_worker(worker, task, http)
