@@ -7,6 +7,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 
 import psycopg
 import psycopg.errors
@@ -294,6 +295,54 @@ def test_malformed_replicate_answers_become_error_codes(status, body, retry_afte
                 except ProviderError as error:
                     assert error.code and error.message
                     return
+        assert isinstance(result.text, str) and result.text.strip()
+
+    asyncio.run(scenario())
+
+
+list_entries = st.one_of(json_values, st.fixed_dictionaries({
+    "id": st.sampled_from(["p1", "", "a/b", "x" * 200]) | st.integers(),
+    "model": st.sampled_from([DEFAULT_CHAT_MODEL.slug, "other/model"]) | json_values,
+    "input": st.just({"prompt": "hi"}) | json_values,
+    "status": st.sampled_from(["starting", "processing", "succeeded", "failed", ""]) | json_values,
+    "created_at": st.sampled_from(["2026-11-23T10:00:00Z", "yesterday", ""]) | st.just("now") | json_values}))
+
+
+@settings(max_examples=60, deadline=None)
+@given(page=st.one_of(json_values, st.fixed_dictionaries({
+           "results": st.lists(list_entries, max_size=4) | json_values,
+           "next": st.none() | st.sampled_from(["https://elsewhere.example/v1/predictions?cursor=2", "", "/relative"])
+           | json_values})),
+       list_status=st.sampled_from([200, 404, 500]), final=prediction_bodies)
+@example(page={"results": [{"id": "p1", "model": DEFAULT_CHAT_MODEL.slug, "input": {"prompt": "hi"},
+                            "status": "processing", "created_at": "now"}], "next": None},
+         list_status=200, final={"id": "p1", "status": "succeeded", "output": ["found ", "it"]})
+def test_malformed_prediction_lists_become_error_codes(page, list_status, final) -> None:
+    """A create whose answer is garbled, then a list of predictions (searched for the one the
+    create started) with anything at all in it, then a read of any body: an error code or a
+    reply, never another exception. (That a `next` page elsewhere is not asked for is
+    tests/test_provider.py's.)"""
+    async def scenario() -> None:
+        async with ReplicateStub() as stub:
+            s = Settings(replicate_api_token="r8_test", replicate_base_url=stub.base_url,
+                         replicate_max_http_retries=0, prediction_timeout_seconds=0.05, replicate_max_creates_per_minute=0)
+            stub.post(r".*/predictions").respond(201, text="<html>bad gateway</html>")
+            body = page
+            if isinstance(page, dict) and isinstance(page.get("results"), list):  # recent enough to be looked at
+                now = datetime.now(timezone.utc).isoformat()
+                body = {**page, "results": [{**e, "created_at": now} if isinstance(e, dict) and e.get("created_at") == "now"
+                                            else e for e in page["results"]]}
+            stub.get("/v1/predictions").respond(list_status, json=body)
+            stub.get(r"/v1/predictions/.+").respond(200, json=final)
+            stub.post(r".*/cancel").respond(200, json={})
+            async with replicate_http(s) as http:
+                try:
+                    result = await ReplicateClient(http, s).predict(DEFAULT_CHAT_MODEL, {"prompt": "hi"})
+                except ProviderError as error:
+                    assert error.code and error.message
+                    return
+                finally:
+                    assert not stub.unmatched
         assert isinstance(result.text, str) and result.text.strip()
 
     asyncio.run(scenario())
