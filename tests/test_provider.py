@@ -323,6 +323,51 @@ async def test_a_lost_create_whose_prediction_is_not_found_fails_for_the_runs_re
     assert outcomes == ["unreadable" if case == "list_refused" else "not_found"]
 
 
+async def test_a_lost_create_takes_no_prediction_it_cannot_tell_from_another(stub: ReplicateStub) -> None:
+    # Two predictions of the same model and input made while the request was out (another run's,
+    # say, with the same first message): either could be the one, so neither is taken; and one
+    # made well after the request failed is not the request's.
+    mine = {"prompt": "hi"}
+    stub.post(CHAT_PATH).always(DROP)
+    pages = stub.get("/v1/predictions").side_effect(
+        Reply(200, json=listed(prediction("processing", output=[], id="a", input=mine, created_at=iso(0.1)),
+                               prediction("processing", output=[], id="b", input=mine, created_at=iso(0.2)))),
+        Reply(200, json=listed(prediction("processing", output=[], id="later", input=mine, created_at=iso(-60)))))
+    s = settings(stub)
+    outcomes: list[str] = []
+    async with replicate_http(s) as http:
+        client = ReplicateClient(http, s)
+        client.on_lost_create = outcomes.append
+        for _ in range(2):
+            with pytest.raises(ProviderError) as error:
+                await client.predict(DEFAULT_CHAT_MODEL, mine)
+            assert error.value.code == "provider_unavailable"
+    assert outcomes == ["ambiguous", "not_found"] and pages.call_count == 2
+
+
+async def test_a_lost_create_takes_nothing_while_a_twin_create_is_on_its_way(stub: ReplicateStub) -> None:
+    # Another create of this worker with the same body is still waiting for its answer: the
+    # prediction in the list may be that one's, so the lost create does not take it.
+    mine = {"prompt": "hi"}
+    create = stub.post(CHAT_PATH).side_effect(HANG, DROP)
+    stub.get("/v1/predictions").respond(200, json=listed(prediction("processing", output=[], id="twin", input=mine,
+                                                                    created_at=iso(0.1))))
+    s = settings(stub)
+    outcomes: list[str] = []
+    async with replicate_http(s) as http:
+        client = ReplicateClient(http, s)
+        client.on_lost_create = outcomes.append
+        waiting = asyncio.create_task(client.create(DEFAULT_CHAT_MODEL, mine))
+        while create.call_count < 1:
+            await asyncio.sleep(0.01)
+        with pytest.raises(ProviderError):
+            await client.predict(DEFAULT_CHAT_MODEL, mine)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+    assert outcomes == ["ambiguous"]
+
+
 async def test_a_lost_create_never_takes_a_prediction_this_client_already_has(stub: ReplicateStub) -> None:
     # Two runs of this worker with the same input: the first one's prediction is not the second's.
     mine = {"prompt": "hi"}

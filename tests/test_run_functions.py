@@ -467,14 +467,32 @@ def test_an_abandoned_attempt_is_recorded_once_and_not_charged(conn, owner, thre
     assert conn.execute(record, (third["run_id"], psycopg.types.json.Jsonb({"attempt": 2}))).fetchone()[0] is False
 
 
-@pytest.mark.parametrize("consumed", [None, {}, {"attempt": "1"}, {"prediction_id": "p"}, [1], {"attempt": 0},
-                                      {"attempt": 3}])
+@pytest.mark.parametrize("consumed", [None, {}, {"attempt": "1"}, {"prediction_id": "p"}, [1], {"attempt": 0}])
 def test_record_abandoned_attempt_says_what_it_needs(conn, owner, thread, consumed) -> None:
     say(conn, owner, thread)
     [run] = claim(conn)
     value = None if consumed is None else psycopg.types.json.Jsonb(consumed)
-    with pytest.raises(psycopg.errors.InvalidParameterValue, match="are required|is not one of run"):
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="are required|start at 1"):
         conn.execute("select record_abandoned_attempt(%s, %s)", (run["run_id"], value))
+
+
+def test_an_attempt_number_that_is_another_attempt_s_is_not_taken(conn, owner, thread) -> None:
+    """The run's current attempt number while the run is open, or one beyond it (a release at
+    shutdown gave the number back), belongs to the attempt that holds or will hold the lease: a
+    late record of an abandoned attempt under that number records nothing, so that attempt's own
+    event is not lost to the unique (run, attempt)."""
+    say(conn, owner, thread)
+    [run] = claim(conn, "w1")
+    record = "select record_abandoned_attempt(%s, %s)"
+    current = psycopg.types.json.Jsonb({"attempt": 1, "prediction_id": "p-stale"})
+    assert conn.execute(record, (run["run_id"], current)).fetchone()[0] is False  # in progress on attempt 1
+    assert conn.execute("select release_run(%s, 'w1', 1)", (run["run_id"],)).fetchone()[0] is True
+    assert run_row(conn, run["run_id"])["attempts"] == 0  # given back: attempt 1 comes again
+    assert conn.execute(record, (run["run_id"], current)).fetchone()[0] is False  # queued, beyond the count
+    [again] = claim(conn, "w2")
+    complete(conn, again, p_prediction_id="p-live")
+    assert conn.execute("select attempt, status, prediction_id from assistant_inference_events").fetchall() == \
+        [(1, "succeeded", "p-live")]
 
 
 def test_release_gives_the_attempt_back(conn, owner, thread) -> None:

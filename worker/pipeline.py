@@ -31,7 +31,15 @@ from worker.prompts import (
     estimate_tokens,
     parse_reply,
 )
-from worker.provider import Prediction, PredictionHandle, ProviderError, ReplicateClient, active_seconds, estimate_cost
+from worker.provider import (
+    RECOVERY_MIN_SECONDS,
+    Prediction,
+    PredictionHandle,
+    ProviderError,
+    ReplicateClient,
+    active_seconds,
+    estimate_cost,
+)
 from worker.retries import retried
 from worker.store import ClaimedRun, Completion, RunGone, RunStore, StoreUnavailable
 from worker.streaming import Publisher, ReplyRelay, StreamBudget
@@ -317,18 +325,28 @@ class Worker:
                 log.info("grace period over", extra={"event": "worker.grace_over", "cancelled": len(cancelled),
                                                      "replies_let_through": len(still_running) - len(cancelled)})
                 await asyncio.wait(still_running, timeout=10)
-        settling = [*self.provider.settling, *self.recording, *self.abandoned]
-        if settling:
+
+        def settling() -> list[asyncio.Task[None]]:
+            return [t for t in (*self.provider.settling, *self.recording, *self.abandoned) if not t.done()]
+
+        waiting = settling()
+        if waiting:
             # A create held by Prefer: wait answers within the wait, else its read timeout ends it
-            # and the search for the prediction it may have started (bounded as one request);
-            # then the cancel at Replicate (its own timeout) and the record in the database.
-            bound = self.settings.replicate_prefer_wait_seconds + 3 * self.settings.replicate_timeout_seconds + 5
+            # and the search for the prediction it may have started; then the cancel at Replicate
+            # (its own timeout) and the record in the database.
+            bound = (self.settings.replicate_prefer_wait_seconds + 2 * self.settings.replicate_timeout_seconds
+                     + max(self.settings.replicate_timeout_seconds, RECOVERY_MIN_SECONDS) + 5)
             log.info("waiting for creates on their way, to cancel their predictions",
-                     extra={"event": "worker.settling", "creates": len(settling)})
-            _, left = await asyncio.wait(settling, timeout=bound)
-            if left:
+                     extra={"event": "worker.settling", "creates": len(waiting)})
+            deadline = asyncio.get_running_loop().time() + bound
+            # Again until nothing is left: an abandoned attempt that ends meanwhile starts the
+            # task that records it.
+            while waiting and (left := deadline - asyncio.get_running_loop().time()) > 0:
+                await asyncio.wait(waiting, timeout=left)
+                waiting = settling()
+            if waiting:
                 log.warning("creates still unanswered at shutdown; their predictions may run on at Replicate",
-                            extra={"event": "worker.settle_abandoned", "creates": len(left)})
+                            extra={"event": "worker.settle_abandoned", "creates": len(waiting)})
 
     # -- one run --------------------------------------------------------------------------------
     async def _process(self, run: ClaimedRun, after: asyncio.Task[None] | None = None) -> None:

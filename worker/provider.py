@@ -42,11 +42,15 @@ PREDICTION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # it goes into URLs: nothin
 THROTTLE_RESET = re.compile(r"resets in ~?(\d+(?:\.\d+)?)\s*s")
 CANCEL_WITHIN_SECONDS = 15.0  # a cancel and its retries together
 # Finding the prediction of a create whose answer was lost (see `_find_created`): how many pages
-# of the account's predictions (100 each, newest first) are read, how far before the request the
-# search looks (Replicate's clock against ours), and how many created ids are remembered so two
-# of this worker's creates with the same input never take the same prediction.
+# of the account's predictions (100 each, newest first) are read; how far either side of the
+# request's time the search looks (Replicate's clock against ours); the least time a search is
+# given (REPLICATE_TIMEOUT_SECONDS otherwise); how many searches run at once (a page can weigh
+# megabytes: during an incident every lost create would search); how many ids of predictions
+# this client created or found are remembered, so that it never takes one of them again.
 RECOVERY_PAGES = 5
-RECOVERY_CLOCK_MARGIN_SECONDS = 60.0
+RECOVERY_CLOCK_MARGIN_SECONDS = 10.0
+RECOVERY_MIN_SECONDS = 5.0
+RECOVERY_CONCURRENCY = 2
 KNOWN_PREDICTIONS = 4096
 
 
@@ -113,7 +117,8 @@ class PredictionHandle:
     read_failures: int = 0  # reads of the prediction that failed and were tried again
     streamed: str = ""  # the text streamed so far
     stream_heard_at: float = 0.0  # monotonic time of the stream's last event (or its start)
-    # True while a create request is on its way to Replicate (sent, no answer yet).
+    # True while a create request is on its way to Replicate (sent, no answer yet), or the search
+    # for the prediction of one whose answer was lost runs.
     create_in_flight: bool = False
     # Set when the caller was cancelled during that create: it ends in the background, then the
     # prediction it started is cancelled at Replicate (and `prediction_id`, `last` are filled in).
@@ -309,8 +314,13 @@ class ReplicateClient:
         self.settling: set[asyncio.Task[None]] = set()
         # The ids of the predictions this client created or found lately (insertion-ordered, bounded).
         self._known: dict[str, None] = {}
-        # Told how each search for a lost create's prediction ended: found, not_found or unreadable.
+        # Told how each search for a lost create's prediction ended: found, not_found, ambiguous
+        # or unreadable.
         self.on_lost_create: Callable[[str], None] | None = None
+        self._searches = asyncio.Semaphore(RECOVERY_CONCURRENCY)
+        # The body of each create on its way (or searching), by a token of its own: a search does
+        # not take a prediction that another of this client's creates may have started.
+        self._creating: dict[object, bytes] = {}
         timeout = settings.replicate_timeout_seconds
         self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
         # A create held by Prefer: wait answers once the prediction ends: up to the wait, plus time.
@@ -333,7 +343,10 @@ class ReplicateClient:
             async with self.http.request(method, url, headers=headers, data=body, timeout=timeout,
                                          allow_redirects=False) as response:
                 return Answer(response.status, response.headers, await response.read())
-        except TimeoutError as exc:  # aiohttp's connect and read timeouts are TimeoutErrors too
+        except aiohttp.ConnectionTimeoutError as exc:  # no connection in time: nothing was sent
+            raise ProviderError("provider_unavailable", f"cannot reach Replicate in time ({type(exc).__name__})",
+                                retryable=True) from exc
+        except TimeoutError as exc:  # aiohttp's read timeouts are TimeoutErrors too
             raise ProviderError("timeout", f"Replicate did not answer in time ({type(exc).__name__})", retryable=True,
                                 request_sent=True) from exc
         except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
@@ -360,8 +373,9 @@ class ReplicateClient:
     async def create(self, model: ModelProfile, model_input: dict[str, Any], token: str | None = None,
                      wait: bool = True, handle: PredictionHandle | None = None) -> dict[str, Any]:
         """POST the prediction; with `wait`, wait up to `replicate_prefer_wait_seconds` for it to
-        finish (Prefer: wait), else return at once (to stream it). `handle.create_in_flight` is
-        true while a request is on its way."""
+        finish (Prefer: wait), else return at once (to stream it). A create whose answer was lost
+        answers with the prediction it started if `_find_created` finds it. `handle.create_in_flight`
+        is true while a request is on its way, or such a search runs."""
         flight = handle or PredictionHandle()
         headers = self._headers(token)
         if wait:
@@ -386,12 +400,14 @@ class ReplicateClient:
             if self.create_limiter is not None:
                 await self.create_limiter.acquire()
             flight.create_in_flight = True
-            sent_at = sent_at or time.time()
+            sent_at = time.time()  # the last attempt is the one that may have created something
             try:
                 return await self._request("POST", url, headers, body, timeout)
             finally:
                 flight.create_in_flight = False
 
+        mine = object()
+        self._creating[mine] = body
         try:
             prediction = await retried(attempt, self._retrying(created_nothing, multiplier=0.5, most=8))
         except ProviderError as exc:
@@ -401,9 +417,12 @@ class ReplicateClient:
             # garbled 201): the prediction it may have started is looked for, not made again.
             flight.create_in_flight = True  # a cancelled caller settles what is found
             try:
-                # Bounded as a whole, like one request: shutdown waits for settling creates.
-                async with asyncio.timeout(self.settings.replicate_timeout_seconds):
-                    outcome, found = await self._find_created(model, payload["input"], headers, sent_at)
+                # Bounded as a whole: shutdown waits for settling creates.
+                async with asyncio.timeout(max(self.settings.replicate_timeout_seconds, RECOVERY_MIN_SECONDS)):
+                    async with self._searches:
+                        twin = any(other == body for token, other in self._creating.items() if token is not mine)
+                        outcome, found = await self._find_created(model, payload["input"], headers,
+                                                                  (sent_at, time.time()), twin)
             except TimeoutError:
                 log.warning("looking for the prediction of a lost create took too long", extra={
                     "event": "prediction.recovery_failed", "error": "timeout"})
@@ -417,6 +436,8 @@ class ReplicateClient:
             log.warning("the answer to a create was lost; its prediction was found and is used", extra={
                 "event": "prediction.recovered", "prediction_id": found["id"], "error_code": exc.code})
             prediction = found
+        finally:
+            del self._creating[mine]
         self._remember(prediction["id"])
         return prediction
 
@@ -426,19 +447,24 @@ class ReplicateClient:
             del self._known[next(iter(self._known))]
 
     async def _find_created(self, model: ModelProfile, model_input: dict[str, Any], headers: dict[str, str],
-                            sent_at: float) -> tuple[str, dict[str, Any] | None]:
+                            sent: tuple[float, float], twin: bool) -> tuple[str, dict[str, Any] | None]:
         """The prediction a create with a lost answer started, from the account's list of
-        predictions (GET /v1/predictions: newest first, 100 a page, each with its input): one of
-        `model` with exactly this input, not failed or canceled, not one this client knows
-        already, created since the request went out (less a margin for the clocks); of several,
-        the one created nearest that moment. With how the search ended: "found", "not_found"
-        (none within RECOVERY_PAGES pages) or "unreadable" (the list could not be read); the
-        run's retry then creates anew."""
-        since = sent_at - RECOVERY_CLOCK_MARGIN_SECONDS
+        predictions (GET /v1/predictions: newest first, 100 a page, each with its input), then
+        read afresh (the list's entries carry no stream URL): the one prediction of `model` with
+        exactly this input, made through the API, not failed or canceled, not one this client
+        knows already, and created while the request was out (`sent`: from when it went out to
+        when it failed, each widened by RECOVERY_CLOCK_MARGIN_SECONDS for the clocks).
+
+        Returns how the search ended, with the prediction when "found": "not_found" (none within
+        RECOVERY_PAGES pages), "ambiguous" (more than one, or another of this client's creates
+        with the same body is on its way: `twin`, and either could be the one; a prediction
+        taken from another run would be cancelled or paid for twice) or "unreadable" (the list
+        could not be read). The run's retry then creates anew."""
+        since, until = sent[0] - RECOVERY_CLOCK_MARGIN_SECONDS, sent[1] + RECOVERY_CLOCK_MARGIN_SECONDS
         expected = json.loads(json.dumps(model_input, ensure_ascii=False, allow_nan=False))  # as Replicate echoes it
         url = f"{self.base_url}/v1/predictions"
         read_headers = {"Authorization": headers["Authorization"]}
-        found: list[tuple[float, dict[str, Any]]] = []
+        found: list[dict[str, Any]] = []
         for _ in range(RECOVERY_PAGES):
             try:
                 answer = await self._send("GET", url, read_headers, None, self._timeout)
@@ -451,9 +477,7 @@ class ReplicateClient:
             except (ProviderError, ValueError, TypeError, KeyError) as exc:
                 log.warning("looking for the prediction of a lost create failed", extra={
                     "event": "prediction.recovery_failed", "error": repr(exc)[:200]})
-                if not found:
-                    return "unreadable", None
-                break
+                return "unreadable", None
             older = False
             for candidate in results:
                 created = _timestamp(candidate.get("created_at")) if isinstance(candidate, dict) else None
@@ -461,18 +485,30 @@ class ReplicateClient:
                     older = older or created is not None
                     continue
                 prediction_id = candidate.get("id")
-                if candidate.get("model") == model.slug and candidate.get("input") == expected \
+                if created <= until and candidate.get("model") == model.slug and candidate.get("input") == expected \
+                        and candidate.get("source", "api") == "api" \
                         and candidate.get("status") in ("starting", "processing", "succeeded") \
                         and isinstance(prediction_id, str) and PREDICTION_ID.fullmatch(prediction_id) \
                         and prediction_id not in self._known:
-                    found.append((abs(created - sent_at), candidate))
+                    found.append(candidate)
             following = page.get("next")
             # Newest first: a page that reached past `since` ends the search. The next page is
             # followed only on Replicate's own host (the request carries the token).
             if older or not isinstance(following, str) or not following.startswith(f"{self.base_url}/"):
                 break
             url = following
-        return ("found", min(found, key=lambda match: match[0])[1]) if found else ("not_found", None)
+        if not found:
+            return "not_found", None
+        if len(found) > 1 or twin:
+            log.warning("a lost create's prediction cannot be told from another", extra={
+                "event": "prediction.recovery_failed", "error": f"{len(found)} matching, twin={twin}"})
+            return "ambiguous", None
+        [prediction] = found
+        try:  # afresh: its state now, and the stream URL the list leaves out
+            fresh = await self._request("GET", f"{self.base_url}/v1/predictions/{prediction['id']}", read_headers)
+        except ProviderError:
+            fresh = {}
+        return "found", fresh if fresh.get("id") == prediction["id"] else prediction
 
     def _retrying(self, transient: Callable[[ProviderError], bool], *, multiplier: float,
                   most: float) -> Callable[[], AsyncRetrying]:

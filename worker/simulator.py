@@ -341,7 +341,12 @@ class ReplicateSimulator:
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
         """The account's predictions, newest first, a page at a time with `next` / `previous`
-        cursor URLs, each prediction as a read returns it (its input included)."""
+        cursor URLs, each prediction as a read returns it (its input included) but for the
+        stream URL, which Replicate's list leaves out."""
+
+        def listed(body: dict[str, Any]) -> dict[str, Any]:
+            return {**body, "urls": {k: v for k, v in body["urls"].items() if k != "stream"}}
+
         _, refusal = await self._record(request)
         if refusal:
             return refusal
@@ -356,7 +361,7 @@ class ReplicateSimulator:
         return web.json_response({
             "next": cursor(start + self.list_page_size) if start + self.list_page_size < len(newest_first) else None,
             "previous": cursor(max(0, start - self.list_page_size)) if start else None,
-            "results": [prediction.to_json(now) for prediction in page]})
+            "results": [listed(prediction.to_json(now)) for prediction in page]})
 
     async def _account(self, request: web.Request) -> web.StreamResponse:
         _, refusal = await self._record(request)

@@ -10,9 +10,10 @@
 -- attempt, error code `lease_lost`, with what its prediction consumed (p_consumed as
 -- finish_cancelled takes it: attempt, model, prediction_id, input_tokens, output_tokens,
 -- cost_usd). Like every failed attempt it is not charged to the user: quotas count what users
--- were given. Once per attempt: true when recorded, false when the attempt already has an event
--- or the run no longer exists. An attempt the run has not reached is refused (22023). It takes
--- no lease: the lease is the point. Service role only.
+-- were given. Once per attempt: true when recorded; false when the attempt already has an
+-- event, the run no longer exists, or the attempt's number is the run's current one while the
+-- run is open (or beyond it: a release gave it back), where it belongs to the attempt that
+-- holds, or will hold, the lease. It takes no lease: the lease is the point. Service role only.
 
 create function public.record_abandoned_attempt(p_run_id uuid, p_consumed jsonb) returns boolean
 language plpgsql
@@ -29,13 +30,17 @@ begin
       using errcode = '22023', hint = 'pass what the abandoned attempt''s prediction consumed, as finish_cancelled takes it';
   end if;
   attempt_no := (p_consumed ->> 'attempt')::integer;
-  select * into run from public.assistant_runs where id = p_run_id;
+  if attempt_no < 1 then
+    raise exception 'attempt numbers start at 1 (got %)', attempt_no using errcode = '22023';
+  end if;
+  -- Locked against a delete meanwhile (the event's foreign key), not against the other attempt.
+  select * into run from public.assistant_runs where id = p_run_id for key share;
   if not found then
     return false;  -- deleted with its message or thread
   end if;
-  if attempt_no < 1 or attempt_no > run.attempts then
-    raise exception 'attempt % is not one of run %''s attempts (1 to %)', attempt_no, p_run_id, run.attempts
-      using errcode = '22023';
+  if attempt_no > run.attempts or (attempt_no = run.attempts and run.status in ('queued', 'in_progress')) then
+    -- The number is (or will be again) another attempt's: a release at shutdown gives it back.
+    return false;
   end if;
   insert into public.assistant_inference_events
     (user_id, thread_id, message_id, run_id, attempt, provider, model, prediction_id, status, latency_ms,
