@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import given
 from hypothesis import settings as examples
@@ -178,6 +179,31 @@ async def test_a_create_whose_connection_breaks_is_not_repeated(stub: ReplicateS
         await predict(settings(stub, replicate_max_http_retries=3), slept=[])
     assert (error.value.code, error.value.retryable, route.call_count) == ("provider_unavailable", True, 1)
     assert "broke" in error.value.message
+
+
+async def test_a_create_whose_connection_times_out_sent_nothing_and_is_retried(stub: ReplicateStub,
+                                                                               monkeypatch) -> None:
+    # No connection in time (or no free one in the pool): the request never left, so it is
+    # retried like a refused connection, with no search for a prediction it cannot have started.
+    route = stub.post(CHAT_PATH).respond(201, json=prediction())
+    s = settings(stub)
+    async with replicate_http(s) as http:
+        real, calls = http.request, []
+
+        def request(*args: Any, **kwargs: Any) -> Any:
+            calls.append(args)
+            if len(calls) == 1:
+                raise aiohttp.ConnectionTimeoutError("Connection timeout to host")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(http, "request", request)
+        client = ReplicateClient(http, s)
+
+        async def sleep(_: float) -> None:
+            pass
+        client.sleep = sleep
+        assert (await client.predict(DEFAULT_CHAT_MODEL, {"prompt": "hi"})).text == "Navy goes with camel."
+    assert route.call_count == 1 and len(calls) == 2 and not stub.unmatched
 
 
 async def test_a_poll_whose_connection_breaks_is_repeated(stub: ReplicateStub) -> None:
