@@ -420,7 +420,7 @@ class ReplicateClient:
                 # Bounded as a whole: shutdown waits for settling creates.
                 async with asyncio.timeout(max(self.settings.replicate_timeout_seconds, RECOVERY_MIN_SECONDS)):
                     async with self._searches:
-                        twin = any(other == body for token, other in self._creating.items() if token is not mine)
+                        twin = any(other == body for key, other in self._creating.items() if key is not mine)
                         outcome, found = await self._find_created(model, payload["input"], headers,
                                                                   (sent_at, time.time()), twin)
             except TimeoutError:
