@@ -70,9 +70,11 @@ class BenchCluster:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("create extension if not exists pg_stat_statements")
             # A plan without limits (pipeline users) and one with the shape of `premium` but
-            # limits never reached (admission at scale checks and counts four limits).
+            # limits never reached (admission at scale checks and counts four limits, and what
+            # the user's requests in flight hold of the token limit).
             conn.execute("insert into ai_plans (id, name) values (%s, 'Bench')", (UNLIMITED_PLAN,))
-            conn.execute("insert into ai_plans (id, name) values (%s, 'Bench with limits')", (LIMITED_PLAN,))
+            conn.execute("insert into ai_plans (id, name, reserve_tokens) values (%s, 'Bench with limits', 4000)",
+                         (LIMITED_PLAN,))
             conn.execute("""
                 insert into ai_plan_limits (plan_id, metric, time_window, limit_value) values
                   (%(p)s, 'messages', 'day', 1e9), (%(p)s, 'vision_messages', 'day', 1e9),

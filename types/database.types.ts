@@ -83,6 +83,8 @@ export type Database = {
           id: string
           max_queued_requests: number | null
           name: string
+          reserve_tokens: number | null
+          reserve_usd: number | null
           uses_own_key: boolean
         }
         Insert: {
@@ -91,6 +93,8 @@ export type Database = {
           id: string
           max_queued_requests?: number | null
           name: string
+          reserve_tokens?: number | null
+          reserve_usd?: number | null
           uses_own_key?: boolean
         }
         Update: {
@@ -99,6 +103,8 @@ export type Database = {
           id?: string
           max_queued_requests?: number | null
           name?: string
+          reserve_tokens?: number | null
+          reserve_usd?: number | null
           uses_own_key?: boolean
         }
         Relationships: []
@@ -569,6 +575,8 @@ export type Database = {
           max_attempts: number
           message_id: string
           next_attempt_at: string
+          reserved_tokens: number
+          reserved_usd: number
           status: string
           thread_id: string
           updated_at: string
@@ -588,6 +596,8 @@ export type Database = {
           max_attempts?: number
           message_id: string
           next_attempt_at?: string
+          reserved_tokens?: number
+          reserved_usd?: number
           status?: string
           thread_id: string
           updated_at?: string
@@ -607,6 +617,8 @@ export type Database = {
           max_attempts?: number
           message_id?: string
           next_attempt_at?: string
+          reserved_tokens?: number
+          reserved_usd?: number
           status?: string
           thread_id?: string
           updated_at?: string

@@ -64,6 +64,12 @@ class Wakeups(Protocol):
     async def run(self, wake: Callable[..., None]) -> None: ...
 
 
+# A run put back in the queue by the claim, to wait for its user's replies in flight (a token or
+# cost limit they could go past together: migration 20261123001300), due again this much later.
+WAITING_FOR_REPLIES = "replies_in_flight"
+WAITING_FOR_REPLIES_SECONDS = 1.0
+
+
 class Worker:
     def __init__(self, settings: Settings, store: RunStore, provider: ReplicateClient, wakeups: Wakeups, *,
                  images: ImageResolver | None = None, actions: ActionRegistry = default_registry,
@@ -156,12 +162,18 @@ class Worker:
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
+                waits = False
                 for run in runs:
-                    if run.blocked_code:  # refused at admission and already answered by the database
+                    if run.blocked_code == WAITING_FOR_REPLIES:  # back in the queue for a second
+                        waits = True
+                    elif run.blocked_code:  # refused at admission and already answered by the database
                         self.counts["blocked"] += 1
                         self.metrics.blocked.labels(run.blocked_code).inc()
                     else:
                         self._start(run)
+                if waits:  # due again in a second (the exact time is the database's; this is a hint)
+                    self.counts["waited"] += 1
+                    asyncio.get_running_loop().call_later(WAITING_FOR_REPLIES_SECONDS + 0.05, self.wake)
                 full_batch = len(runs) == batch
                 self._backlog = full_batch
             if self._actions_due:

@@ -43,7 +43,9 @@ class ClaimedRun:
     uses_own_key: bool = False
     assistant: dict[str, Any] | None = None
     profile: dict[str, Any] | None = None
-    blocked_code: str | None = None  # refused at admission: finished by the database already
+    # refused at admission: finished by the database already; or "replies_in_flight": put back
+    # in the queue to wait for the user's replies in flight
+    blocked_code: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ClaimedRun:
@@ -105,8 +107,10 @@ class RunStore(ABC):
 
     async def claim(self, worker: str, limit: int, lease_seconds: int, *, chat_model: str | None = None,
                     vision_model: str | None = None) -> list[ClaimedRun]:
-        """Claims due runs; runs refused by their user's plan end as blocked in the database and
-        are not returned (the models name where they would have gone, for their events)."""
+        """Claims due runs. Runs refused by their user's plan end as blocked in the database and
+        come back marked with their code (the models name where they would have gone, for their
+        events); runs put back to wait for their user's replies in flight come back marked
+        `replies_in_flight`."""
         found = await self.call("claim_runs", {"p_worker": worker, "p_limit": limit, "p_lease_seconds": lease_seconds,
                                                "p_chat_model": chat_model, "p_vision_model": vision_model}, rows=True)
         return [ClaimedRun.from_row(row) for row in found]
