@@ -44,16 +44,18 @@ def queued_again(conn: psycopg.Connection) -> None:
 def test_requests_in_flight_hold_part_of_a_token_limit_and_the_next_one_waits(conn) -> None:
     user = create_user(conn, plan=reserving_plan(conn, "metered", tokens=10_000, reserve=4_000))
     thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (user,)).fetchone()[0]
-    messages = {user_message(conn, user, thread, f"m{i}") for i in range(3)}
-    (first, second), [told_to_wait] = claimed(conn)
-    # 4,000 + 4,000 held fit in 10,000; a third 4,000 would not: it waits, not refused, not an attempt.
-    [third] = messages - {first["message_id"], second["message_id"]}
-    assert told_to_wait["message_id"] == third
+    messages = [user_message(conn, user, thread, f"m{i}") for i in range(3)]
+    before = conn.execute("select now()").fetchone()[0]
+    admitted, [told_to_wait] = claimed(conn)
+    first, second = sorted(admitted, key=lambda r: messages.index(r["message_id"]))
+    # 4,000 + 4,000 held fit in 10,000; a third 4,000 would not: it waits, not refused, not an
+    # attempt. The user's messages are admitted in the order they were written.
+    assert [first["message_id"], second["message_id"], told_to_wait["message_id"]] == messages
+    third = messages[2]
     assert [run_row(conn, r["run_id"])["reserved_tokens"] for r in (first, second)] == [4_000, 4_000]
-    waiting = conn.execute("select status, attempts, admitted_at, next_attempt_at > now() as later"
-                           " from assistant_runs where message_id = %s", (third,)).fetchone()
-    assert waiting == ("queued", 0, None, True)
-    assert claim(conn) == []  # not due before its second has passed
+    waiting = conn.execute("select status, attempts, admitted_at, next_attempt_at >= %s + interval '1 second'"
+                           " from assistant_runs where message_id = %s", (before, third)).fetchone()
+    assert waiting == ("queued", 0, None, True)  # due again a second after the claim
     queued_again(conn)
     assert claimed(conn)[0] == []  # still 8,000 held + 4,000 > 10,000
     complete(conn, first, p_input_tokens=2_000, p_output_tokens=1_000)
@@ -179,7 +181,7 @@ async def test_the_worker_answers_a_request_that_waited_for_the_replies_in_fligh
     user, first_thread = await new_user_thread(db_url, plan="metered")
     threads = [first_thread, *[(await as_user(db_url, user, "insert into assistant_threads (title) values ('t')"
                                                             " returning id"))[0]["id"] for _ in range(2)]]
-    simulator.latency = 0.5
+    simulator.latency = 2.0  # the three are claimed while the first two are in flight
     async with running_worker(worker_settings(simulator.base_url), db_url) as worker:
         for i, thread in enumerate(threads):
             await say(db_url, user, thread, f"question {i}")

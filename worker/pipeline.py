@@ -162,17 +162,17 @@ class Worker:
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                waits = False
+                waits = 0
                 for run in runs:
                     if run.blocked_code == WAITING_FOR_REPLIES:  # back in the queue for a second
-                        waits = True
+                        waits += 1
                     elif run.blocked_code:  # refused at admission and already answered by the database
                         self.counts["blocked"] += 1
                         self.metrics.blocked.labels(run.blocked_code).inc()
                     else:
                         self._start(run)
                 if waits:  # due again in a second (the exact time is the database's; this is a hint)
-                    self.counts["waited"] += 1
+                    self.counts["waited"] += waits
                     asyncio.get_running_loop().call_later(WAITING_FOR_REPLIES_SECONDS + 0.05, self.wake)
                 full_batch = len(runs) == batch
                 self._backlog = full_batch

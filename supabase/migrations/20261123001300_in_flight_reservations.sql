@@ -19,12 +19,19 @@
 --    limit not reached but that the requests in flight and this one could go past answers
 --    `replies_in_flight`: claim_runs puts the run back in the queue for a second without
 --    counting the attempt (and returns it marked so, as it returns refused runs, so that the
---    worker claims again then), and admits it once the replies in flight have ended (or it is
---    then refused if they reached the limit). With nothing in flight a request is always admitted
---    while the limit is not reached, so one reply can still end past it, by what it used beyond
---    its reservation. Plans without token or cost limits, or without reservations, cost nothing
---    more.
--- 4. claim_runs sets the run's reservation when it admits it.
+--    worker claims again then), and admits it once what is used and held leaves room for it (or
+--    it is then refused if the replies in flight reached the limit). With nothing in flight a
+--    request is always admitted while the limit is not reached, so one reply can still end past
+--    it, by what it used beyond its reservation. Plans without token or cost limits, or without
+--    reservations, cost nothing more.
+-- 4. claim_runs sets the run's reservation when it admits it, and admits each user's runs in the
+--    order they were written (it was the order of their ids).
+--
+-- Left as they are: a waiting run is tried again every second (one claim of a run; at most the
+-- user's queue cap of them), and a message written while another waits can be admitted first
+-- if a reply ends between the two claims. Deleting a message in flight frees its reservation at
+-- once, while its prediction runs until the worker has cancelled it (it is charged then, see
+-- 20261123000800).
 
 alter table public.ai_plans
   add column reserve_tokens integer null,
@@ -261,10 +268,12 @@ begin
              lease_expires_at = now() + make_interval(secs => p_lease_seconds),
              admitted_at = coalesce(r.admitted_at, now())
         from due where r.id = due.id
-      returning r.id, r.user_id, due.admitted_at is null as to_admit,
+      returning r.id, r.user_id, r.created_at, due.admitted_at is null as to_admit,
                 (select m.image_url is not null from public.assistant_messages m where m.id = r.message_id) as vision
     )
-    select * from taken order by taken.user_id, taken.id
+    -- By user (each user's usage rows are locked in one order), then in the order the user
+    -- wrote: of two messages, the older is admitted first, the newer waits.
+    select * from taken order by taken.user_id, taken.created_at, taken.id
   loop
     if claimed.to_admit then
       verdict := public.admit_request(claimed.user_id, claimed.vision);
