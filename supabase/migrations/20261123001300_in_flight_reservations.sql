@@ -9,7 +9,7 @@
 -- 1. ai_plans.reserve_tokens and reserve_usd: what each admitted request of the plan holds of
 --    its token and cost limits while it is in flight (null: nothing; the plan's limits then
 --    refuse only once reached, as before). premium, the default plan with a token limit,
---    reserves 4,000 tokens a request (a full 50-message history and a long reply).
+--    reserves 4,000 tokens a request (a typical request with a long reply).
 -- 2. assistant_runs.reserved_tokens and reserved_usd: what a run holds, set when it is admitted.
 --    Only an open run (queued for a retry, or in progress) holds it: nothing has to give it
 --    back, so nothing can forget to (a run that ends, fails, is cancelled or deleted stops
