@@ -547,26 +547,25 @@ class Worker:
             with contextlib.suppress(Exception):
                 await handle.settling
         consumed = self._consumed(run, request, handle)
-        try:
-            recorded = await self._store_call(lambda: self.store.record_abandoned_attempt(run, consumed))
-        except Exception as exc:
-            log.warning("recording an abandoned attempt failed", extra={
-                "event": "run.abandoned_record_failed", "run_id": str(run.run_id), "attempt": run.attempt,
-                "prediction_id": consumed["prediction_id"], "error": str(exc)[:200]})
-            return
-        if recorded:
-            self._paid(consumed)
+        await self._record(run, consumed, lambda: self.store.record_abandoned_attempt(run, consumed),
+                           "recording an abandoned attempt failed", "run.abandoned_record_failed", attempt=run.attempt)
 
     async def _record_orphaned(self, run: ClaimedRun, consumed: dict[str, Any]) -> None:
         """Charges what the prediction of a run deleted meanwhile consumed (once per prediction)."""
         if consumed["prediction_id"] is None:
             return
+        await self._record(run, consumed, lambda: self.store.record_orphaned_consumption(run, consumed),
+                           "recording a deleted request's prediction failed", "run.gone_record_failed")
+
+    async def _record(self, run: ClaimedRun, consumed: dict[str, Any], record: Callable[[], Awaitable[bool]],
+                      failure: str, event: str, **fields: Any) -> None:
+        """Records what a prediction consumed with `record` (a store call, retried while the
+        database is away); the cost metric counts it once recorded. A failure is only logged."""
         try:
-            recorded = await self._store_call(lambda: self.store.record_orphaned_consumption(run, consumed))
+            recorded = await self._store_call(record)
         except Exception as exc:
-            log.warning("recording a deleted request's prediction failed", extra={
-                "event": "run.gone_record_failed", "run_id": str(run.run_id),
-                "prediction_id": consumed["prediction_id"], "error": str(exc)[:200]})
+            log.warning(failure, extra={"event": event, "run_id": str(run.run_id), **fields,
+                                        "prediction_id": consumed["prediction_id"], "error": str(exc)[:200]})
             return
         if recorded:
             self._paid(consumed)
