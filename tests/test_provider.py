@@ -289,6 +289,16 @@ async def test_a_read_timeout_on_create_is_not_repeated(stub: ReplicateStub) -> 
     assert listed.call_count == 1  # it looked for a prediction the lost create might have started
 
 
+@contextlib.asynccontextmanager
+async def searching_client(s: Settings) -> AsyncIterator[tuple[ReplicateClient, list[str]]]:
+    """A client on `s`, with how each of its searches for a lost create's prediction ended."""
+    outcomes: list[str] = []
+    async with replicate_http(s) as http:
+        client = ReplicateClient(http, s)
+        client.on_lost_create = outcomes.append
+        yield client, outcomes
+
+
 def listed(*predictions: dict[str, Any], next_url: str | None = None) -> dict[str, Any]:
     return {"next": next_url, "previous": None, "results": list(predictions)}
 
@@ -338,10 +348,7 @@ async def test_a_lost_create_whose_prediction_is_not_found_fails_for_the_runs_re
         pages.respond(200, json=listed(prediction(id="old", input=mine, created_at=iso(3600)),
                                        next_url=f"{stub.base_url}/v1/predictions?cursor=2"))
     s = settings(stub, replicate_prefer_wait_seconds=1, replicate_timeout_seconds=0.2)
-    outcomes: list[str] = []
-    async with replicate_http(s) as http:
-        client = ReplicateClient(http, s)
-        client.on_lost_create = outcomes.append
+    async with searching_client(s) as (client, outcomes):
         with pytest.raises(ProviderError) as error:
             await client.predict(DEFAULT_CHAT_MODEL, mine)
     assert error.value.code == "timeout" and error.value.retryable
@@ -360,10 +367,7 @@ async def test_a_lost_create_takes_no_prediction_it_cannot_tell_from_another(stu
                                prediction("processing", output=[], id="b", input=mine, created_at=iso(0.2)))),
         Reply(200, json=listed(prediction("processing", output=[], id="later", input=mine, created_at=iso(-60)))))
     s = settings(stub)
-    outcomes: list[str] = []
-    async with replicate_http(s) as http:
-        client = ReplicateClient(http, s)
-        client.on_lost_create = outcomes.append
+    async with searching_client(s) as (client, outcomes):
         for _ in range(2):
             with pytest.raises(ProviderError) as error:
                 await client.predict(DEFAULT_CHAT_MODEL, mine)
@@ -379,10 +383,7 @@ async def test_a_lost_create_takes_nothing_while_a_twin_create_is_on_its_way(stu
     stub.get("/v1/predictions").respond(200, json=listed(prediction("processing", output=[], id="twin", input=mine,
                                                                     created_at=iso(0.1))))
     s = settings(stub)
-    outcomes: list[str] = []
-    async with replicate_http(s) as http:
-        client = ReplicateClient(http, s)
-        client.on_lost_create = outcomes.append
+    async with searching_client(s) as (client, outcomes):
         waiting = asyncio.create_task(client.create(DEFAULT_CHAT_MODEL, mine))
         while create.call_count < 1:
             await asyncio.sleep(0.01)
