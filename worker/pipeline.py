@@ -206,7 +206,10 @@ class Worker:
         encrypt, operator reports to refresh and usage windows to prune when due."""
         refresh_every = self.settings.usage_report_refresh_seconds
         prune_every = self.settings.usage_prune_interval_seconds
-        last_refresh = last_prune = 0.0
+        # Due at once: loop.time() is a monotonic clock whose zero is not defined (the boot, on
+        # Linux), so 0.0 would put the first refresh and prune off on a host up for less than
+        # an interval.
+        last_refresh = last_prune = float("-inf")
         loop = asyncio.get_running_loop()
         while True:
             try:
