@@ -354,6 +354,67 @@ def test_withdrawing_an_assistant_ends_the_requests_queued_for_it(conn) -> None:
     assert q("select count(*) from assistant_inference_events") == 2
 
 
+@pytest.mark.parametrize("withdrawal", ["deactivated", "members_only"])
+def test_a_message_written_as_its_assistant_is_withdrawn_is_not_answered(db_url: str, conn, withdrawal: str) -> None:
+    """The insert checked the assistant before the withdrawal committed, and was not committed
+    when the withdrawal ended the queued runs: its run ends at the claim (migration 20261123001400)."""
+    q = lambda sql, *p: conn.execute(sql, p).fetchone()[0]  # noqa: E731
+    assistant = q("insert into assistants (slug, name) values ('racing', 'Racing') returning id")
+    user = create_user(conn, is_anonymous=True)
+    thread = q("insert into assistant_threads (user_id, assistant_id) values (%s, %s) returning id", user, assistant)
+    change = "is_active = false" if withdrawal == "deactivated" else "offered_to = 'members'"
+    with request(conn, postgrest.user("g", user, is_anonymous=True), commit=True) as cur:
+        message = cur.execute("insert into assistant_messages (thread_id, role, content) values (%s, 'user', 'hi')"
+                              " returning id", (thread,)).fetchone()[0]
+        with psycopg.connect(db_url, autocommit=True) as operator:  # meanwhile, in the dashboard
+            operator.execute("set statement_timeout = '10s'")  # (it waits for nothing of the insert)
+            operator.execute(f"update assistants set {change} where id = %s", (assistant,))
+    assert q("select status from assistant_runs where message_id = %s", message) == "queued"  # the withdrawal missed it
+
+    with conn.transaction():  # as the worker's claim through PostgREST: the service role reads no auth.users
+        conn.execute("set local role service_role")
+        [refused] = conn.cursor(row_factory=psycopg.rows.dict_row).execute(
+            "select * from claim_runs('w1', 10, 60)").fetchall()
+    assert (refused["message_id"], refused["blocked_code"], refused["content"]) == (message, "assistant_unavailable", None)
+    assert conn.execute("""
+        select r.status, r.last_error_code, r.admitted_at is null, m.content, e.status, e.error_code, e.model, e.attempt
+          from assistant_runs r
+          join assistant_messages m on m.reply_to = r.message_id
+          join assistant_inference_events e on e.run_id = r.id
+         where r.message_id = %s""", (message,)).fetchone() == (
+        "failed", "assistant_unavailable", True,
+        "Sorry, this assistant is no longer available. Move the conversation to another assistant or start a new one.",
+        "failed", "assistant_unavailable", "not_started", 1)
+    assert q("select count(*) from ai_usage_windows where user_id = %s", user) == 0  # not admitted, not counted
+
+
+async def test_the_worker_counts_a_run_ended_at_the_claim_as_failed(db_url, simulator) -> None:
+    assistant = await make_assistant(db_url, slug="closing", name="Closing")
+    user, _ = await new_user_thread(db_url)
+    thread = await thread_with(db_url, user, assistant["id"])
+    message = await say(db_url, user, thread, "anyone?")
+    # A guest's run that the withdrawal missed (see the test above), made so by hand.
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await conn.execute("update auth.users set is_anonymous = true where id = %s", (user,))
+        await conn.execute("alter table assistants disable trigger assistants_after_withdrawal")
+        await conn.execute("update assistants set offered_to = 'members' where id = %s", (assistant["id"],))
+    async with running_worker(worker_settings(simulator.base_url), db_url) as worker:
+        [run] = await finished_runs(db_url, 1)
+
+        async def counted() -> bool:
+            return sample(worker, "assistant_runs_failed_total") == 1
+
+        await wait_until(counted, what="the run counted as failed")
+    assert (run["message_id"], run["status"], run["last_error_code"]) == (message, "failed", "assistant_unavailable")
+    assert simulator.creates == []
+    assert sample(worker, "assistant_run_attempts_failed_total") == 1
+    assert (worker.counts["blocked"], sample(worker, "assistant_runs_blocked_total")) == (0, None)
+
+
+def sample(worker: Any, name: str) -> float | None:
+    return worker.metrics.registry.get_sample_value(name, {"error_code": "assistant_unavailable"})
+
+
 async def test_the_worker_refuses_a_run_of_an_inactive_assistant(db_url, simulator) -> None:
     """A run that came back to the queue after its assistant was deactivated (its attempt was
     in progress then) is not sent to the model."""

@@ -74,6 +74,30 @@ def test_requests_in_flight_hold_part_of_a_token_limit_and_the_next_one_waits(co
     assert (refused["message_id"], refused["blocked_code"]) == (fourth, "quota_exceeded")
 
 
+def test_a_message_written_while_an_older_one_waits_is_admitted_after_it(conn) -> None:
+    """Migration 20261123001400: a reply that ends between the older request's claim and the
+    newer one's made room for one request; the older one takes it, the newer waits its turn."""
+    user = create_user(conn, plan=reserving_plan(conn, "metered", tokens=10_000, reserve=4_000))
+    thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (user,)).fetchone()[0]
+    messages = [user_message(conn, user, thread, f"m{i}") for i in range(3)]
+    (first, second), [older] = claimed(conn)
+    assert older["message_id"] == messages[2]
+    complete(conn, first, p_input_tokens=60, p_output_tokens=40)  # 100 used + 4,000 held: room for one
+    newer = user_message(conn, user, thread, "m3")
+    # Only the newer message is due: the older one waits until a second after its claim.
+    admitted, waiting = claimed(conn)
+    assert (admitted, [r["message_id"] for r in waiting]) == ([], [newer])
+    assert run_row(conn, waiting[0]["run_id"])["attempts"] == 0  # not an attempt: it waits as the older one does
+    queued_again(conn)
+    admitted, waiting = claimed(conn)
+    assert [r["message_id"] for r in admitted] == [older["message_id"]]
+    assert [r["message_id"] for r in waiting] == [newer]  # 100 used + 8,000 held + 4,000 > 10,000
+    complete(conn, second, p_input_tokens=60, p_output_tokens=40)
+    queued_again(conn)
+    [last] = claim(conn)
+    assert (last["message_id"], last["blocked_code"], last["attempt"]) == (newer, None, 1)
+
+
 def test_a_run_that_ends_any_way_stops_holding(conn) -> None:
     """Failed for good, cancelled, deleted, failed and queued for a retry: only an open run holds."""
     user = create_user(conn, plan=reserving_plan(conn, "metered", tokens=8_000, reserve=4_000))

@@ -68,6 +68,8 @@ class Wakeups(Protocol):
 # cost limit they could go past together: migration 20261123001300), due again this much later.
 WAITING_FOR_REPLIES = "replies_in_flight"
 WAITING_FOR_REPLIES_SECONDS = 1.0
+# Runs claim_runs ended itself, as failed (their assistant withdrawn from their user meanwhile).
+FAILED_AT_CLAIM = frozenset({"assistant_unavailable"})
 
 
 class Worker:
@@ -166,6 +168,10 @@ class Worker:
                 for run in runs:
                     if run.blocked_code == WAITING_FOR_REPLIES:  # back in the queue for a second
                         waits += 1
+                    elif run.blocked_code in FAILED_AT_CLAIM:  # ended failed by the claim, and answered
+                        self.counts[f"failed.{run.blocked_code}"] += 1
+                        self.metrics.failed.labels(run.blocked_code).inc()
+                        self.metrics.runs_failed.labels(run.blocked_code).inc()
                     elif run.blocked_code:  # refused at admission and already answered by the database
                         self.counts["blocked"] += 1
                         self.metrics.blocked.labels(run.blocked_code).inc()
