@@ -14,6 +14,7 @@ differently (a leading BOM, lone surrogates), and the hot paths hand over bytes.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import orjson
@@ -32,3 +33,20 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
         except orjson.JSONDecodeError:
             pass
     return json.loads(raw)
+
+
+# numeric, and with it a jsonb number, has up to 131,072 digits before the decimal point.
+JSONB_INTEGER_DIGITS = 131_072
+
+
+def allow_jsonb_integers() -> None:
+    """Lets this process read and print any integer a jsonb value can hold. Python refuses to
+    convert integers of more than 4,300 digits to or from text (CVE-2020-10735), and jsonb
+    stores `1e5000` in a few bytes and prints it as 5,001 digits: one such number in a user's
+    profile made every claim that carried it fail, and with it the other runs of that claim,
+    on both transports (PostgREST's client reads with the standard library as well). The cost
+    of the largest such conversion is bounded (about 0.3 s), and profiles are limited to 4 kB
+    as printed since 20261123001500."""
+    current = sys.get_int_max_str_digits()
+    if current and current < JSONB_INTEGER_DIGITS:
+        sys.set_int_max_str_digits(JSONB_INTEGER_DIGITS)

@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
+from worker import jsonload
 from worker.actions import ActionRegistry, default_registry
 from worker.attachments import ImageResolver
 from worker.batching import Batcher
@@ -94,6 +95,7 @@ class Worker:
         # empty claim after every reply would cost the database more than the replies.
         self._backlog = True
         self.user_tokens = UserTokens(store, settings.byok_encryption_key)
+        jsonload.allow_jsonb_integers()  # a profile's 1e5000 is read, not a claim failed
         self.metrics = Metrics()
         self.provider.on_lost_create = lambda outcome: self.metrics.lost_creates.labels(outcome).inc()
         self.publisher = publisher if settings.stream_replies else None
@@ -663,7 +665,8 @@ class Worker:
             reply_id = await self.completions.submit(Completion(
                 run, content=reply.content, model=request.model.slug, prediction_id=prediction.id,
                 input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost,
-                latency_ms=prediction.latency_ms, metadata=metadata, follow_ups=reply.follow_ups, actions=reply.actions,
+                latency_ms=prediction.latency_ms, metadata=metadata, follow_ups=reply.follow_ups,
+                actions=reply.actions if request.actions_offered else [],
                 time_to_first_token_ms=prediction.time_to_first_token_ms))
         finally:
             self.completing.discard(run.run_id)

@@ -81,12 +81,21 @@ def fit_history(system_prompt: str, history: list[Turn], current: str, budget: i
     return kept
 
 
+# Llama 3's special tokens are written `<|name|>`; in text the model's server reads them as the
+# tokens themselves, so a message holding `<|eot_id|><|start_header_id|>system<|end_header_id|>`
+# would open a system turn of the user's own. A word joiner (U+2060, invisible) between `<` and
+# `|` keeps the text as the user wrote it to a reader and makes it plain text to the tokenizer.
+_SPECIAL_TOKEN_OPENING = "<|"
+_DEFUSED_OPENING = "<\u2060|"
+
+
 def render_llama3(system_prompt: str, history: list[Turn], current: str) -> str:
     """Llama 3's chat template, ending with the assistant header the model continues from."""
     parts = ["<|begin_of_text|>"]
 
     def add(role: str, text: str) -> None:
-        parts.append(f"<|start_header_id|>{role}<|end_header_id|>\n\n{text.strip()}<|eot_id|>")
+        text = text.strip().replace(_SPECIAL_TOKEN_OPENING, _DEFUSED_OPENING)
+        parts.append(f"<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>")
 
     add("system", system_prompt)
     for turn in history:
@@ -168,6 +177,9 @@ class ModelRequest:
     prompt_tokens_estimate: int
     history_used: int
     knowledge: list[KnowledgeChunk] = field(default_factory=list)
+    # The assistant has the `actions` feature and was told the actions: only then is an action
+    # the reply proposes kept (a user can make any model write the marker).
+    actions_offered: bool = False
 
 
 def fill_input(template: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +214,8 @@ def build_request(settings: Settings, history: list[dict[str, Any]], content: st
         "max_tokens": assistant.max_output_tokens or settings.max_output_tokens,
         "temperature": assistant.temperature if assistant.temperature is not None else settings.temperature,
     }
-    return ModelRequest(model, route, fill_input(model.input, values), estimate_tokens(prompt), len(kept), knowledge)
+    return ModelRequest(model, route, fill_input(model.input, values), estimate_tokens(prompt), len(kept), knowledge,
+                        actions_offered="actions" in assistant.features and bool(actions))
 
 
 MARKERS = (FOLLOW_UPS_MARKER, ACTION_MARKER)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -59,6 +60,30 @@ class ClaimedRun:
         )
 
 
+def storable(value: Any) -> Any:
+    """What PostgreSQL can store of text the worker did not write itself (a model's reply, its
+    follow-ups and proposed actions, a provider's error message): text and jsonb refuse NUL
+    characters, UTF-8 has no lone surrogates (a JSON string may escape one), and jsonb has no NaN
+    or Infinity. NULs are dropped, lone surrogates become U+FFFD, non-finite numbers null; in
+    dicts and lists too, keys included. Without this one such character made every attempt's
+    reply unwritable: each attempt failed after its prediction ran, and none was charged."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            value = value.replace("\x00", "")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # pairs escaped apart join; lone halves are replaced
+            value = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return value
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 @dataclass(frozen=True)
 class Completion:
     """A finished reply, as complete_run takes it."""
@@ -78,10 +103,11 @@ class Completion:
 
     def arguments(self) -> dict[str, Any]:
         """complete_run's arguments without their p_ prefix."""
-        return {"run_id": self.run.run_id, "attempt": self.run.attempt, "content": self.content, "model": self.model,
-                "provider": "replicate", "prediction_id": self.prediction_id, "input_tokens": self.input_tokens,
-                "output_tokens": self.output_tokens, "cost_usd": self.cost_usd, "latency_ms": self.latency_ms,
-                "metadata": self.metadata, "follow_ups": self.follow_ups, "actions": self.actions,
+        return {"run_id": self.run.run_id, "attempt": self.run.attempt, "content": storable(self.content),
+                "model": self.model, "provider": "replicate", "prediction_id": self.prediction_id,
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "cost_usd": self.cost_usd,
+                "latency_ms": self.latency_ms, "metadata": storable(self.metadata),
+                "follow_ups": storable(self.follow_ups), "actions": storable(self.actions),
                 "time_to_first_token_ms": self.time_to_first_token_ms}
 
     def json(self) -> dict[str, Any]:
@@ -135,7 +161,7 @@ class RunStore(ABC):
         `consumed`: what the attempt's prediction consumed (input_tokens, output_tokens,
         cost_usd), recorded on its event (see the migration 20261123000600)."""
         return str(await self.call("fail_attempt", {
-            "p_run_id": run.run_id, "p_attempt": run.attempt, "p_error_code": code, "p_error": error,
+            "p_run_id": run.run_id, "p_attempt": run.attempt, "p_error_code": code, "p_error": storable(error),
             "p_retryable": retryable, "p_retry_in_seconds": retry_in, "p_model": model, "p_provider": "replicate",
             "p_prediction_id": prediction_id, "p_latency_ms": latency_ms, "p_consumed": consumed,
         }))

@@ -26,6 +26,7 @@ import httpx
 
 from worker.batching import Batcher
 from worker.prompts import visible_text
+from worker.store import storable
 
 log = logging.getLogger("worker.streaming")
 
@@ -138,7 +139,7 @@ class ReplyRelay:
     async def _flush(self, done: bool) -> None:
         if self.failed:
             return
-        self.text = visible_text(self.raw)
+        self.text = storable(visible_text(self.raw))  # as the reply will be stored
         delta = self.text[self.sent:]
         if not delta and (not done or self.seq == 0):
             return  # nothing new; and a reply that never streamed needs no closing message
