@@ -171,6 +171,11 @@ class Worker:
                     if run.blocked_code == WAITING_FOR_REPLIES:  # back in the queue for a second
                         waits += 1
                     elif run.blocked_code in FAILED_AT_CLAIM:  # ended failed by the claim, and answered
+                        previous = self.inflight.get(run.run_id)
+                        if previous is not None and not previous.done():
+                            # Taken over from this worker's own attempt (its lease ran out): as in
+                            # _start, that attempt stops and its prediction is cancelled.
+                            self._abandon(previous, run, "reclaimed")
                         self.counts[f"failed.{run.blocked_code}"] += 1
                         self.metrics.failed.labels(run.blocked_code).inc()
                         self.metrics.runs_failed.labels(run.blocked_code).inc()

@@ -1,0 +1,136 @@
+"""claim_runs after the reviews of 20261123001400 (migration 20261123001600): the runs a claim
+ends get their replies after every admission (usage rows before threads' rows, as completions
+lock them), a request waiting for its user's replies in flight is marked so and nothing newer
+passes it, a cancelled run is never taken over, and a cancellation of a run queued for a retry
+is recorded under the attempt it would have been."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+from psycopg.rows import dict_row
+
+from tests.conftest import user_message
+from tests.pipeline_helpers import checking, new_user_thread, query, running_worker, say, wait_until, worker_settings
+from tests.postgrest import create_user
+from tests.test_assistants import make_assistant, thread_with
+from tests.test_reservations import claimed, reserving_plan
+from tests.test_run_functions import claim, complete, fail, run_row
+
+
+def test_a_claim_that_ends_a_run_locks_usage_before_the_thread_as_a_completion_does(db_url: str, conn) -> None:
+    """The claim ends U's run in thread T1 (its assistant withdrawn) and admits U's newer run in
+    T2, while a completion of U holds U's usage rows and is about to update T1. Before, the claim
+    had written T1's reply and then waited for the usage rows: a deadlock."""
+    q = lambda sql, *p: conn.execute(sql, p).fetchone()[0]  # noqa: E731
+    user = create_user(conn)
+    gone = q("insert into assistants (slug, name) values ('gone', 'Gone') returning id")
+    t1 = q("insert into assistant_threads (user_id, assistant_id) values (%s, %s) returning id", user, gone)
+    t2 = q("insert into assistant_threads (user_id) values (%s) returning id", user)
+    conn.execute("select admit_request(%s, false)", (user,))  # U's usage rows exist
+    m1, m2 = user_message(conn, user, t1, "first"), user_message(conn, user, t2, "second")
+    conn.execute("alter table assistants disable trigger assistants_after_withdrawal")  # as if it raced
+    conn.execute("update assistants set is_active = false where id = %s", (gone,))
+
+    with psycopg.connect(db_url) as completion, psycopg.connect(db_url, autocommit=True) as claimer:
+        completion.execute("set statement_timeout = '30s'")
+        completion.execute("select 1 from ai_usage_windows where user_id = %s for update", (user,))  # its first step
+        outcome: dict = {}
+
+        def run_claim() -> None:
+            try:
+                outcome["rows"] = claimer.cursor(row_factory=dict_row).execute(
+                    "select * from claim_runs('w1', 10, 60)").fetchall()
+            except Exception as exc:  # noqa: BLE001 - the test reports it below
+                outcome["error"] = exc
+
+        pid = claimer.info.backend_pid
+        thread = threading.Thread(target=run_claim)
+        thread.start()
+        # The claim waits for the usage rows the completion holds (admitting the newer run).
+        while not conn.execute("select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
+                               (pid,)).fetchone()[0]:
+            assert thread.is_alive(), outcome
+        completion.execute("update assistant_threads set title = 'replied' where id = %s", (t1,))  # its next step
+        completion.commit()
+        thread.join(30)
+    assert "error" not in outcome, outcome["error"]
+    by_message = {r["message_id"]: r["blocked_code"] for r in outcome["rows"]}
+    assert by_message == {m1: "assistant_unavailable", m2: None}
+
+
+def test_a_newer_request_due_first_does_not_pass_an_older_one_waiting(conn) -> None:
+    """A worker with one free slot claims one run: the newer request, due earlier than the older
+    one that waits for the replies in flight, waits behind it."""
+    user = create_user(conn, plan=reserving_plan(conn, "metered", tokens=10_000, reserve=4_000))
+    thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (user,)).fetchone()[0]
+    for i in range(3):
+        user_message(conn, user, thread, f"m{i}")
+    (first, second), [older] = claimed(conn)
+    assert run_row(conn, older["run_id"])["last_error_code"] == "replies_in_flight"  # what the user sees
+    complete(conn, first, p_input_tokens=60, p_output_tokens=40)  # room for one
+    newer = user_message(conn, user, thread, "m3")
+    conn.execute("update assistant_runs set next_attempt_at = now() - interval '1 second' where message_id = %s", (newer,))
+    conn.execute("update assistant_runs set next_attempt_at = now() where id = %s", (older["run_id"],))
+    [took] = claim(conn, limit=1)
+    assert (took["message_id"], took["blocked_code"]) == (newer, "replies_in_flight")
+    [took] = claim(conn, limit=1)
+    assert (took["message_id"], took["blocked_code"]) == (older["message_id"], None)
+    assert run_row(conn, older["run_id"])["last_error_code"] is None  # admitted: no longer waiting
+
+
+def test_a_cancelled_run_whose_lease_expired_is_not_taken_over(conn) -> None:
+    """The claim's limit leaves it to the next claim, which ends it: it never gets a new attempt."""
+    user = create_user(conn)
+    thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (user,)).fetchone()[0]
+    last, cancelled = user_message(conn, user, thread, "a"), user_message(conn, user, thread, "b")
+    conn.execute("""update assistant_runs set status = 'in_progress', lease_owner = 'dead',
+                           attempts = case when message_id = %s then max_attempts else 1 end,
+                           lease_expires_at = now() - case when message_id = %s then interval '2 minutes'
+                                                           else interval '1 minute' end,
+                           cancel_requested_at = case when message_id = %s then now() end""", (last, last, cancelled))
+    assert claim(conn, limit=1) == []  # the last attempt's run ends failed; the cancelled one waits
+    assert conn.execute("select status, attempts from assistant_runs order by created_at").fetchall() == \
+        [("failed", 3), ("in_progress", 1)]
+    assert claim(conn, limit=1) == []
+    assert conn.execute("select status, attempts from assistant_runs where message_id = %s",
+                        (cancelled,)).fetchone() == ("cancelled", 1)
+
+
+def test_cancelling_a_run_queued_for_a_retry_is_recorded(conn) -> None:
+    user = create_user(conn)
+    thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (user,)).fetchone()[0]
+    user_message(conn, user, thread)
+    [run] = claim(conn)
+    assert fail(conn, run) == "queued"
+    assert conn.execute("select finish_cancelled(%s, null)", (run["run_id"],)).fetchone()[0] is True
+    events = conn.execute("select attempt, status from assistant_inference_events where run_id = %s order by attempt",
+                          (run["run_id"],)).fetchall()
+    assert events == [(1, "failed"), (2, "cancelled")]
+
+
+async def test_a_run_ended_at_its_claim_stops_the_attempt_this_worker_still_has(db_url, simulator) -> None:
+    """This worker's attempt lost its lease (a stall), and the claim that takes the run over ends
+    it as assistant_unavailable: the old attempt stops, its prediction is cancelled."""
+    simulator.latency = 60
+    assistant = await make_assistant(db_url, slug="fading", name="Fading")
+    user, _ = await new_user_thread(db_url)
+    thread = await thread_with(db_url, user, assistant["id"])
+    # A long lease: the attempt's own lease keeper would find out only minutes later.
+    settings = worker_settings(simulator.base_url, worker_sweep_interval_seconds=0.2, replicate_prefer_wait_seconds=1,
+                               worker_lease_seconds=600)
+    async with running_worker(settings, db_url) as worker:
+        message = await say(db_url, user, thread, "still there?")
+        await wait_until(checking(lambda: simulator.predictions), what="the prediction")
+        [prediction] = simulator.predictions.values()
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            await conn.execute("alter table assistants disable trigger assistants_after_withdrawal")
+            await conn.execute("update assistants set is_active = false where id = %s", (assistant["id"],))
+            await conn.execute("update assistant_runs set lease_expires_at = now() - interval '1 second'"
+                               " where message_id = %s", (message,))
+        await wait_until(checking(lambda: prediction.canceled_at is not None), what="the prediction to be cancelled")
+        await wait_until(checking(lambda: not worker.inflight), what="the worker's books to empty")
+    assert worker.counts["abandoned"] == 1 and worker.counts["completed"] == 0
+    [run] = await query(db_url, "select status, last_error_code from assistant_runs where message_id = %s", (message,))
+    assert run == {"status": "failed", "last_error_code": "assistant_unavailable"}
