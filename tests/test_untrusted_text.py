@@ -102,3 +102,19 @@ async def test_only_a_special_token_opening_is_touched(db_url, simulator) -> Non
         await finished_runs(db_url, 1)
     prompt = last_chat_input(simulator)["prompt"]
     assert 'Preferences: {"tone": "<b>"}' in prompt and "a <\u2060| b <i>" in prompt
+
+
+async def test_a_crash_tells_the_user_its_kind_and_keeps_its_text_for_the_log(db_url, simulator, monkeypatch,
+                                                                               caplog) -> None:
+    def crash(*_: object, **__: object) -> None:
+        raise RuntimeError("relation public.secret_table, row of user 42")
+
+    monkeypatch.setattr("worker.pipeline.build_request", crash)
+    user, thread = await new_user_thread(db_url)
+    async with running_worker(worker_settings(simulator.base_url), db_url):
+        await say(db_url, user, thread, "hello")
+        [run] = await finished_runs(db_url, 1)
+    assert (run["status"], run["last_error_code"]) == ("failed", "internal_error")
+    [seen] = await as_user(db_url, user, "select last_error from assistant_runs")
+    assert seen["last_error"] == "RuntimeError (the worker's log has the details)"
+    assert "secret_table" in caplog.text

@@ -467,7 +467,10 @@ class Worker:
             raise
         except Exception as exc:
             log.exception("run crashed", extra={"event": "run.crashed", "run_id": str(run.run_id)})
-            error = ProviderError("internal_error", f"{type(exc).__name__}: {exc}"[:500], retryable=True)
+            # The run's row is its user's to read: the exception's kind, not its text (which can
+            # hold SQL, the worker's data or another service's answer); the log has it all.
+            error = ProviderError("internal_error", f"{type(exc).__name__} (the worker's log has the details)",
+                                  retryable=True)
             try:
                 await self._fail(run, request, error, handle)
             except Exception as again:  # the run waits for its lease to run out, then is taken over
