@@ -11,7 +11,7 @@ import threading
 import psycopg
 from psycopg.rows import dict_row
 
-from tests.conftest import user_message
+from tests.conftest import PROJECT_DIR, user_message
 from tests.pipeline_helpers import checking, new_user_thread, query, running_worker, say, wait_until, worker_settings
 from tests.postgrest import create_user
 from tests.test_assistants import make_assistant, thread_with
@@ -134,3 +134,35 @@ async def test_a_run_ended_at_its_claim_stops_the_attempt_this_worker_still_has(
     assert worker.counts["abandoned"] == 1 and worker.counts["completed"] == 0
     [run] = await query(db_url, "select status, last_error_code from assistant_runs where message_id = %s", (message,))
     assert run == {"status": "failed", "last_error_code": "assistant_unavailable"}
+
+
+def test_a_run_the_claim_ends_holds_nothing_while_it_admits(conn) -> None:
+    """Migration 20261123001700: a run whose last lease expired is ended after the claim's
+    admissions, and no longer counts as held for the user's newer request in the same claim."""
+    user = create_user(conn, plan=reserving_plan(conn, "metered", tokens=10_000, reserve=4_000))
+    thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (user,)).fetchone()[0]
+    for i in range(2):
+        user_message(conn, user, thread, f"m{i}")
+    stale, live = claim(conn)
+    conn.execute("update assistant_runs set attempts = max_attempts, lease_expires_at = now() - interval '1 second'"
+                 " where id = %s", (stale["run_id"],))
+    newer = user_message(conn, user, thread, "m2")
+    [took] = claim(conn)  # 4,000 held by the live run + 4,000 for this one: room, the stale one ends
+    assert (took["message_id"], took["blocked_code"]) == (newer, None)
+    assert run_row(conn, stale["run_id"])["status"] == "failed"
+
+
+def test_a_profile_written_long_before_the_limit_is_emptied_and_the_limit_validated(conn) -> None:
+    """Migration 20261123001700, applied to a database with such a profile."""
+    user = create_user(conn)
+    conn.execute("alter table ai_profiles drop constraint ai_profiles_at_most_4kb_as_text")
+    conn.execute("insert into ai_profiles (user_id, goals, experience_level, preferences)"
+                 " values (%s, '[\"run\"]', 'beginner', '{\"x\": 1e5000}')", (user,))
+    conn.execute("alter table ai_profiles add constraint ai_profiles_at_most_4kb_as_text"
+                 " check (octet_length(goals::text) + octet_length(preferences::text) <= 4096) not valid")
+    [migration] = (PROJECT_DIR / "supabase" / "migrations").glob("20261123001700_*.sql")
+    conn.execute(migration.read_text())
+    assert conn.execute("select goals, experience_level, preferences from ai_profiles").fetchone() == \
+        ([], "beginner", {})
+    assert conn.execute("select convalidated from pg_constraint where conname = 'ai_profiles_at_most_4kb_as_text'"
+                        ).fetchone()[0] is True

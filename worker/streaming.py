@@ -139,7 +139,7 @@ class ReplyRelay:
     async def _flush(self, done: bool) -> None:
         if self.failed:
             return
-        self.text = storable(visible_text(self.raw))  # as the reply will be stored
+        self.text = visible_text(storable(self.raw))  # as the reply will be stored: cleaned, then cut
         delta = self.text[self.sent:]
         if not delta and (not done or self.seq == 0):
             return  # nothing new; and a reply that never streamed needs no closing message
