@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,26 @@ def test_db_up_is_idempotent_and_reset_recreates(tmp_path: Path) -> None:
             assert conn.execute("select to_regclass('public.assistant_messages') is not null").fetchone()[0]
     finally:
         _worker("db", "down", data_dir=data_dir)
+
+
+def test_a_port_taken_between_picking_and_binding_is_replaced(tmp_path: Path, monkeypatch) -> None:
+    """Another process (a second cluster starting on the machine) binds the port picked for this
+    one before PostgreSQL does: the start picks another instead of failing."""
+    from worker import localdb
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        picks = iter([busy])
+        free_port = localdb._free_port
+        monkeypatch.setattr(localdb, "_free_port", lambda: next(picks, None) or free_port())
+        db = localdb.LocalDatabase(tmp_path / "db", fast=True)
+        try:
+            db.start()
+            assert db.port not in (None, busy)
+            with psycopg.connect(db.url()) as conn:
+                assert conn.execute("select 1").fetchone() == (1,)
+            assert "could not bind" in db.log_file.read_text()  # the first try, on the taken port
+        finally:
+            db.destroy()

@@ -148,15 +148,23 @@ class LocalDatabase:
             self._init()
         if self.is_running():
             return
-        port = self.port if self.port and _port_is_free(self.port) else _free_port()
-        self._port_file.write_text(f"{port}\n")
         self._ensure_system_user()
-        result = self._pg(
-            _bin("pg_ctl"), "-D", str(self.pgdata), "-l", str(self.log_file),
-            "-o", f"-p {port}", "-w", "-t", "60", "start",
-        )
-        if result.returncode != 0:
-            log = self.log_file.read_text() if self.log_file.exists() else ""
+        port = self.port if self.port and _port_is_free(self.port) else _free_port()
+        for attempt in range(3):
+            self._port_file.write_text(f"{port}\n")
+            logged = self.log_file.stat().st_size if self.log_file.exists() else 0
+            result = self._pg(
+                _bin("pg_ctl"), "-D", str(self.pgdata), "-l", str(self.log_file),
+                "-o", f"-p {port}", "-w", "-t", "60", "start",
+            )
+            if result.returncode == 0:
+                return
+            log = self.log_file.read_bytes()[logged:].decode(errors="replace") if self.log_file.exists() else ""
+            # The port was free when picked; another process (a second cluster starting on the
+            # same machine, say) can bind it before PostgreSQL does: pick another.
+            if attempt < 2 and "could not bind" in log:
+                port = _free_port()
+                continue
             raise RuntimeError(f"could not start PostgreSQL:\n{result.stderr}\n{log[-2000:]}")
 
     def stop(self) -> None:
