@@ -9,7 +9,9 @@ from __future__ import annotations
 import threading
 
 import psycopg
+import pytest
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from tests.conftest import PROJECT_DIR, user_message
 from tests.pipeline_helpers import checking, new_user_thread, query, running_worker, say, wait_until, worker_settings
@@ -166,3 +168,52 @@ def test_a_profile_written_long_before_the_limit_is_emptied_and_the_limit_valida
         ([], "beginner", {})
     assert conn.execute("select convalidated from pg_constraint where conname = 'ai_profiles_at_most_4kb_as_text'"
                         ).fetchone()[0] is True
+
+
+@pytest.mark.parametrize("function", ["complete_run", "complete_runs"])
+def test_a_message_deleted_while_its_reply_is_written_is_deleted_without_a_deadlock(db_url: str, conn, function) -> None:
+    """Migration 20261123001800: the completion takes the message's key before the run, as the
+    delete takes the message before the run (its cascade). Here the completion waits for the
+    user's usage rows (held by another transaction) after taking its locks; the user deletes the
+    message meanwhile; then the usage rows are freed."""
+    user = create_user(conn)
+    thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (user,)).fetchone()[0]
+    message = user_message(conn, user, thread)
+    [run] = claim(conn)  # admitted: the user's usage rows exist
+    outcome: dict = {}
+    with psycopg.connect(db_url) as usage, psycopg.connect(db_url, autocommit=True) as worker, \
+            psycopg.connect(db_url, autocommit=True) as client:
+        usage.execute("select 1 from ai_usage_windows where user_id = %s for update", (user,))
+
+        def in_thread(name: str, call) -> threading.Thread:
+            def target() -> None:
+                try:
+                    outcome[name] = call()
+                except Exception as exc:  # noqa: BLE001 - the test reports it below
+                    outcome[name] = exc
+            started = threading.Thread(target=target)
+            started.start()
+            return started
+
+        def waiting(connection: psycopg.Connection) -> bool:
+            return conn.execute("select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
+                                (connection.info.backend_pid,)).fetchone()[0]
+
+        one = {"run_id": str(run["run_id"]), "attempt": run["attempt"], "content": "An answer.",
+               "model": "meta/meta-llama-3-8b-instruct", "input_tokens": 10, "output_tokens": 5}
+        sql, args = (("select complete_run(%(run_id)s, %(attempt)s, %(content)s, %(model)s,"
+                      " p_input_tokens => %(input_tokens)s, p_output_tokens => %(output_tokens)s)", one)
+                     if function == "complete_run" else ("select * from complete_runs(%s)", (Jsonb([one]),)))
+        completing = in_thread("complete", lambda: worker.execute(sql, args).fetchall())
+        while not waiting(worker):  # for the usage rows
+            assert completing.is_alive(), outcome
+        deleting = in_thread("delete", lambda: client.execute(
+            "delete from assistant_messages where id = %s", (message,)).rowcount)
+        while not waiting(client):  # for the completion
+            assert deleting.is_alive(), outcome
+        usage.commit()
+        completing.join(30)
+        deleting.join(30)
+    assert not any(isinstance(v, Exception) for v in outcome.values()), outcome
+    assert outcome["delete"] == 1
+    assert conn.execute("select count(*) from assistant_messages where thread_id = %s", (thread,)).fetchone()[0] == 0
