@@ -156,17 +156,19 @@ def test_a_run_the_claim_ends_holds_nothing_while_it_admits(conn) -> None:
 
 def test_a_profile_written_long_before_the_limit_is_emptied_and_the_limit_validated(conn) -> None:
     """Migration 20261123001700, applied to a database with such a profile."""
-    user = create_user(conn)
-    conn.execute("alter table ai_profiles drop constraint ai_profiles_at_most_4kb_as_text")
+    user, kept = create_user(conn), create_user(conn)
+    [definition] = conn.execute("select pg_get_constraintdef(oid) from pg_constraint"
+                                " where conname = 'ai_profiles_numbers_in_range'").fetchone()
+    conn.execute("alter table ai_profiles drop constraint ai_profiles_numbers_in_range")
     conn.execute("insert into ai_profiles (user_id, goals, experience_level, preferences)"
-                 " values (%s, '[\"run\"]', 'beginner', '{\"x\": 1e5000}')", (user,))
-    conn.execute("alter table ai_profiles add constraint ai_profiles_at_most_4kb_as_text"
-                 " check (octet_length(goals::text) + octet_length(preferences::text) <= 4096) not valid")
+                 " values (%s, '[\"run\"]', 'beginner', '{\"x\": 1e5000}'), (%s, '[\"swim\"]', null, '{\"x\": 7}')",
+                 (user, kept))
+    conn.execute(f"alter table ai_profiles add constraint ai_profiles_numbers_in_range {definition} not valid")
     [migration] = (PROJECT_DIR / "supabase" / "migrations").glob("20261123001700_*.sql")
     conn.execute(migration.read_text())
-    assert conn.execute("select goals, experience_level, preferences from ai_profiles").fetchone() == \
-        ([], "beginner", {})
-    assert conn.execute("select convalidated from pg_constraint where conname = 'ai_profiles_at_most_4kb_as_text'"
+    assert conn.execute("select user_id, goals, experience_level, preferences from ai_profiles order by experience_level nulls last"
+                        ).fetchall() == [(user, [], "beginner", {}), (kept, ["swim"], None, {"x": 7})]
+    assert conn.execute("select convalidated from pg_constraint where conname = 'ai_profiles_numbers_in_range'"
                         ).fetchone()[0] is True
 
 

@@ -177,6 +177,24 @@ def sizes_in_row(conn, *values) -> tuple[int, int]:
     return sum(size - 3 if size <= 130 else size for size in sizes), sum(sizes)
 
 
+def number_out_of_range(*values) -> bool:
+    """A number a profile may not hold (20261123001500): not 0, and 1e100 or more, or under
+    1e-100, in magnitude. JSON sends a float as its shortest repr, which compares with these
+    bounds as the float does."""
+    for value in values:
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        if isinstance(value, (int, float)):
+            if value != 0 and not 1e-100 <= abs(value) < 10 ** 100:
+                return True
+        elif isinstance(value, dict):
+            if number_out_of_range(*value.values()):
+                return True
+        elif isinstance(value, list) and number_out_of_range(*value):
+            return True
+    return False
+
+
 def has_nul(*values) -> bool:
     # PostgreSQL text cannot hold NUL; client libraries refuse before sending (JSON writes it \u0000)
     return "\\u0000" in json.dumps(values)
@@ -232,6 +250,8 @@ def test_arbitrary_thread_titles_are_stored_exactly_or_refused(fuzz_world, title
        # mostly objects, some past 4 KB with the goals, some near it, and any JSON at all
        preferences=st.dictionaries(st.text(max_size=10), json_values, max_size=5)
        | st.builds(lambda note: {"note": note}, around(4030)) | big_objects | json_values)
+# Found by CI after 20261123001500: numbers at and past the bounds.
+@example(experience="", goals=[1e100, 9.999999999999999e99], preferences={"a": [1e-100, 5e-324]})
 # Found by CI: stored at 4,097 bytes as a query measures it, 4,094 in the row (the goals' short header).
 @example(experience="", goals=["", "", "00", "00", "0\x80\x80\U00010000\U00010000\U00010000"],
          preferences={"note": "0" * 4028})
@@ -250,7 +270,7 @@ def test_arbitrary_profiles_are_stored_exactly_or_refused(fuzz_world, experience
     def broken(conn) -> bool:
         if not isinstance(goals, list) or len(goals) > 20 or not isinstance(preferences, dict) or len(experience) > 200:
             return True
-        return sizes_in_row(conn, goals, preferences)[1] > 4096
+        return sizes_in_row(conn, goals, preferences)[1] > 4096 or number_out_of_range(goals, preferences)
 
     if not has_nul(experience, goals, preferences):
         stored_or_refused(fuzz_world, write, broken)

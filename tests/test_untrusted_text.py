@@ -19,14 +19,23 @@ from worker.prompts import Assistant, build_request
 from worker.store import storable
 
 
-def test_a_profile_small_when_stored_and_long_when_printed_is_refused(conn) -> None:
+@pytest.mark.parametrize("number", ["1e5000", "-1e100", "1e-5000", "[1, {\"y\": 1e100}]"])
+def test_a_profile_number_long_when_printed_is_refused(conn, number: str) -> None:
     """1e5000 takes a few bytes in jsonb and prints as 5,001 digits (migration 20261123001500)."""
     owner = create_user(conn)
     with request(conn, postgrest.user("o", owner)) as cur:
-        with pytest.raises(psycopg.errors.CheckViolation, match="ai_profiles_at_most_4kb_as_text"):
-            cur.execute("insert into ai_profiles (preferences) values ('{\"x\": 1e5000}')")
+        with pytest.raises(psycopg.errors.CheckViolation, match="ai_profiles_numbers_in_range"):
+            cur.execute(f"insert into ai_profiles (preferences) values ('{{\"x\": {number}}}')")
+    with request(conn, postgrest.user("o", owner)) as cur:
+        with pytest.raises(psycopg.errors.CheckViolation, match="ai_profiles_numbers_in_range"):
+            cur.execute(f"insert into ai_profiles (goals) values ('[{number}]')")
+
+
+def test_profile_numbers_within_range_are_stored(conn) -> None:
+    owner = create_user(conn)
     with request(conn, postgrest.user("o", owner), commit=True) as cur:
-        cur.execute("insert into ai_profiles (preferences) values ('{\"x\": 1e4000}')")  # 4,001 digits: fits
+        cur.execute("insert into ai_profiles (goals, preferences) values"
+                    " ('[0, 1e99, -1e-100]', '{\"x\": 9.99e99, \"y\": [0.5, -42]}')")
 
 
 async def test_a_profile_written_before_the_limit_does_not_fail_the_claim_it_rides_in(db_url, simulator) -> None:
@@ -36,7 +45,7 @@ async def test_a_profile_written_before_the_limit_does_not_fail_the_claim_it_rid
     poisoned, poisoned_thread = await new_user_thread(db_url)
     other, other_thread = await new_user_thread(db_url)
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-        await conn.execute("alter table ai_profiles drop constraint ai_profiles_at_most_4kb_as_text")
+        await conn.execute("alter table ai_profiles drop constraint ai_profiles_numbers_in_range")
         await conn.execute("insert into ai_profiles (user_id, preferences) values (%s, '{\"x\": 1e5000}')", (poisoned,))
     await say(db_url, poisoned, poisoned_thread, "hello")
     await say(db_url, other, other_thread, "hello too")  # both wait: one claim takes them together

@@ -45,8 +45,8 @@ def allow_jsonb_integers() -> None:
     stores `1e5000` in a few bytes and prints it as 5,001 digits: one such number in a user's
     profile made every claim that carried it fail, and with it the other runs of that claim,
     on both transports (PostgREST's client reads with the standard library as well). The cost
-    of the largest such conversion is bounded (about 0.3 s), and profiles are limited to 4 kB
-    as printed since 20261123001500."""
+    of the largest such conversion is bounded (about 0.3 s), and since 20261123001500 (validated
+    in 20261123001700) a profile's numbers have at most about 100 digits."""
     current = sys.get_int_max_str_digits()
     if current and current < JSONB_INTEGER_DIGITS:
         sys.set_int_max_str_digits(JSONB_INTEGER_DIGITS)

@@ -7,17 +7,18 @@
 --    cleared when they are picked; they end in the same transaction.
 -- 2. The ending loop's query is not run when the claim ends nothing (a plain guard in the
 --    statement: with a generic plan the join could otherwise be planned for a hundred rows).
--- 3. Profiles over 4 kB as printed, which only numbers like 1e5000 written before 001500 can
---    make, are emptied (goals and preferences; experience_level is kept), and the constraint is
---    validated: no row the worker reads is longer than 4 kB as printed any more. (The worker
---    reads jsonb's largest integers since 001500, but converting a few hundred of them took
---    about a minute of its event loop.)
+-- 3. Profiles with a number out of 001500's range (only a profile written before it can hold
+--    one: 1e5000, say) are emptied (goals and preferences; experience_level is kept), and the
+--    constraint is validated: no profile the worker reads holds a number of more than about 100
+--    digits any more. (The worker reads jsonb's largest integers since 001500, but converting a
+--    few hundred of them took about a minute of its event loop.)
 
 update public.ai_profiles
    set goals = '[]'::jsonb, preferences = '{}'::jsonb
- where octet_length(goals::text) + octet_length(preferences::text) > 4096;
+ where jsonb_path_exists(goals, 'strict $.** ? (@.type() == "number" && (@ >= 1e100 || @ <= -1e100 || (@ != 0 && @ < 1e-100 && @ > -1e-100)))')
+    or jsonb_path_exists(preferences, 'strict $.** ? (@.type() == "number" && (@ >= 1e100 || @ <= -1e100 || (@ != 0 && @ < 1e-100 && @ > -1e-100)))');
 
-alter table public.ai_profiles validate constraint ai_profiles_at_most_4kb_as_text;
+alter table public.ai_profiles validate constraint ai_profiles_numbers_in_range;
 
 create or replace function public.claim_runs(
   p_worker text,

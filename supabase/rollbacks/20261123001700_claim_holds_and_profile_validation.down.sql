@@ -239,12 +239,14 @@ $$;
 revoke execute on function public.claim_runs(text, integer, integer, text, text) from public, anon, authenticated;
 grant execute on function public.claim_runs(text, integer, integer, text, text) to service_role;
 
-alter table public.ai_profiles drop constraint ai_profiles_at_most_4kb_as_text;
+alter table public.ai_profiles drop constraint ai_profiles_numbers_in_range;
 alter table public.ai_profiles
-  add constraint ai_profiles_at_most_4kb_as_text
-  check (octet_length(goals::text) + octet_length(preferences::text) <= 4096) not valid;
-comment on constraint ai_profiles_at_most_4kb_as_text on public.ai_profiles is
-  'goals and preferences together take at most 4 kB as printed (a number like 1e5000 is small stored and long printed).';
+  add constraint ai_profiles_numbers_in_range
+  check (not jsonb_path_exists(goals, 'strict $.** ? (@.type() == "number" && (@ >= 1e100 || @ <= -1e100 || (@ != 0 && @ < 1e-100 && @ > -1e-100)))')
+     and not jsonb_path_exists(preferences, 'strict $.** ? (@.type() == "number" && (@ >= 1e100 || @ <= -1e100 || (@ != 0 && @ < 1e-100 && @ > -1e-100)))'))
+  not valid;
+comment on constraint ai_profiles_numbers_in_range on public.ai_profiles is
+  'Numbers in goals and preferences are 0 or between 1e-100 and 1e100 in magnitude (1e5000 is a few bytes stored and 5,001 digits printed).';
 
 delete from supabase_migrations.schema_migrations where version = '20261123001700';
 commit;
