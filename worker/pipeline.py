@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
@@ -176,9 +176,7 @@ class Worker:
                             # Taken over from this worker's own attempt (its lease ran out): as in
                             # _start, that attempt stops and its prediction is cancelled.
                             self._abandon(previous, run, "reclaimed")
-                        self.counts[f"failed.{run.blocked_code}"] += 1
-                        self.metrics.failed.labels(run.blocked_code).inc()
-                        self.metrics.runs_failed.labels(run.blocked_code).inc()
+                        self._count_failed(run.blocked_code, run_ended=True)
                     elif run.blocked_code:  # refused at admission and already answered by the database
                         self.counts["blocked"] += 1
                         self.metrics.blocked.labels(run.blocked_code).inc()
@@ -444,18 +442,14 @@ class Worker:
                 # The lease is another attempt's now: the run is not ours to give back. The
                 # prediction was cancelled at Replicate by the provider (or will be, once its
                 # create answers); what it consumed is recorded on this attempt's own event.
-                recording = asyncio.create_task(self._record_abandoned(run, request, handle))
-                self.recording.add(recording)
-                recording.add_done_callback(self.recording.discard)
+                self._recording(self._record_abandoned(run, request, handle))
                 return
             if run.run_id in self.cancelling:
                 # The user cancelled: the prediction was cancelled at Replicate by the provider (or
                 # will be, once its create answers). No reply. One task records it all, so that a
                 # second cancellation (shutdown) cannot cut it short; shutdown waits for it.
                 ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                recording = asyncio.create_task(self._finish_cancelled(run, request, handle, ended))
-                self.recording.add(recording)
-                recording.add_done_callback(self.recording.discard)
+                self._recording(self._finish_cancelled(run, request, handle, ended))
                 await asyncio.shield(ended)  # the run has ended: its slot is free
                 return
             # Shutdown past the grace period: give the run back untouched (the prediction was
@@ -558,6 +552,20 @@ class Worker:
             return
         if recorded:
             self._paid(late)
+
+    def _recording(self, record: Coroutine[Any, Any, None]) -> None:
+        """Runs `record` as a task of its own (a second cancellation cannot cut it short), which
+        shutdown waits for (`self.recording`)."""
+        task = asyncio.create_task(record)
+        self.recording.add(task)
+        task.add_done_callback(self.recording.discard)
+
+    def _count_failed(self, code: str, *, run_ended: bool) -> None:
+        """A failed attempt in the counts and metrics; `run_ended`: it ended its run."""
+        self.counts[f"failed.{code}"] += 1
+        self.metrics.failed.labels(code).inc()
+        if run_ended:
+            self.metrics.runs_failed.labels(code).inc()
 
     async def _record_abandoned(self, run: ClaimedRun, request: ModelRequest | None, handle: PredictionHandle) -> None:
         """Records an abandoned attempt (a failed `lease_lost` event, not charged to the user),
@@ -738,11 +746,8 @@ class Worker:
             run, code=error.code, error=error.message, retryable=error.retryable, retry_in=retry_in,
             model=model, prediction_id=error.prediction_id, latency_ms=None, consumed=consumed))
         self._paid(consumed)
-        self.counts[f"failed.{error.code}"] += 1
-        self.metrics.failed.labels(error.code).inc()
-        if status == "failed":  # this attempt ended the run
-            self.metrics.runs_failed.labels(error.code).inc()
-        elif status == "cancelled":  # its user cancelled it meanwhile: ended, not tried again
+        self._count_failed(error.code, run_ended=status == "failed")  # "failed": this attempt ended the run
+        if status == "cancelled":  # its user cancelled it meanwhile: ended, not tried again
             self.counts["cancelled"] += 1
             self.metrics.cancelled.inc()
         elif status == "superseded":  # the run went on without this attempt (its lease ran out, say)
