@@ -7,6 +7,8 @@ is recorded under the attempt it would have been."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -19,6 +21,27 @@ from tests.postgrest import create_user
 from tests.test_assistants import make_assistant, thread_with
 from tests.test_reservations import claimed, reserving_plan
 from tests.test_run_functions import claim, complete, fail, run_row
+
+
+def in_thread(outcome: dict, name: str, call: Callable[[], Any]) -> threading.Thread:
+    """Runs `call` in a thread of its own: what it returns, or the exception it raises, goes to
+    outcome[name]."""
+    def target() -> None:
+        try:
+            outcome[name] = call()
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            outcome[name] = exc
+    started = threading.Thread(target=target)
+    started.start()
+    return started
+
+
+def wait_for_its_lock(conn: psycopg.Connection, waiter: psycopg.Connection, thread: threading.Thread,
+                      outcome: dict) -> None:
+    """Until `waiter`'s statement (run by `thread`) waits for a lock, as pg_stat_activity shows it."""
+    while not conn.execute("select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
+                           (waiter.info.backend_pid,)).fetchone()[0]:
+        assert thread.is_alive(), outcome
 
 
 def test_a_claim_that_ends_a_run_locks_usage_before_the_thread_as_a_completion_does(db_url: str, conn) -> None:
@@ -39,26 +62,15 @@ def test_a_claim_that_ends_a_run_locks_usage_before_the_thread_as_a_completion_d
         completion.execute("set statement_timeout = '30s'")
         completion.execute("select 1 from ai_usage_windows where user_id = %s for update", (user,))  # its first step
         outcome: dict = {}
-
-        def run_claim() -> None:
-            try:
-                outcome["rows"] = claimer.cursor(row_factory=dict_row).execute(
-                    "select * from claim_runs('w1', 10, 60)").fetchall()
-            except Exception as exc:  # noqa: BLE001 - the test reports it below
-                outcome["error"] = exc
-
-        pid = claimer.info.backend_pid
-        thread = threading.Thread(target=run_claim)
-        thread.start()
+        thread = in_thread(outcome, "claim", lambda: claimer.cursor(row_factory=dict_row).execute(
+            "select * from claim_runs('w1', 10, 60)").fetchall())
         # The claim waits for the usage rows the completion holds (admitting the newer run).
-        while not conn.execute("select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
-                               (pid,)).fetchone()[0]:
-            assert thread.is_alive(), outcome
+        wait_for_its_lock(conn, claimer, thread, outcome)
         completion.execute("update assistant_threads set title = 'replied' where id = %s", (t1,))  # its next step
         completion.commit()
         thread.join(30)
-    assert "error" not in outcome, outcome["error"]
-    by_message = {r["message_id"]: r["blocked_code"] for r in outcome["rows"]}
+    assert not isinstance(outcome["claim"], Exception), outcome["claim"]
+    by_message = {r["message_id"]: r["blocked_code"] for r in outcome["claim"]}
     assert by_message == {m1: "assistant_unavailable", m2: None}
 
 
@@ -186,33 +198,16 @@ def test_a_message_deleted_while_its_reply_is_written_is_deleted_without_a_deadl
     with psycopg.connect(db_url) as usage, psycopg.connect(db_url, autocommit=True) as worker, \
             psycopg.connect(db_url, autocommit=True) as client:
         usage.execute("select 1 from ai_usage_windows where user_id = %s for update", (user,))
-
-        def in_thread(name: str, call) -> threading.Thread:
-            def target() -> None:
-                try:
-                    outcome[name] = call()
-                except Exception as exc:  # noqa: BLE001 - the test reports it below
-                    outcome[name] = exc
-            started = threading.Thread(target=target)
-            started.start()
-            return started
-
-        def waiting(connection: psycopg.Connection) -> bool:
-            return conn.execute("select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
-                                (connection.info.backend_pid,)).fetchone()[0]
-
         one = {"run_id": str(run["run_id"]), "attempt": run["attempt"], "content": "An answer.",
                "model": "meta/meta-llama-3-8b-instruct", "input_tokens": 10, "output_tokens": 5}
         sql, args = (("select complete_run(%(run_id)s, %(attempt)s, %(content)s, %(model)s,"
                       " p_input_tokens => %(input_tokens)s, p_output_tokens => %(output_tokens)s)", one)
                      if function == "complete_run" else ("select * from complete_runs(%s)", (Jsonb([one]),)))
-        completing = in_thread("complete", lambda: worker.execute(sql, args).fetchall())
-        while not waiting(worker):  # for the usage rows
-            assert completing.is_alive(), outcome
-        deleting = in_thread("delete", lambda: client.execute(
+        completing = in_thread(outcome, "complete", lambda: worker.execute(sql, args).fetchall())
+        wait_for_its_lock(conn, worker, completing, outcome)  # for the usage rows
+        deleting = in_thread(outcome, "delete", lambda: client.execute(
             "delete from assistant_messages where id = %s", (message,)).rowcount)
-        while not waiting(client):  # for the completion
-            assert deleting.is_alive(), outcome
+        wait_for_its_lock(conn, client, deleting, outcome)  # for the completion
         usage.commit()
         completing.join(30)
         deleting.join(30)
