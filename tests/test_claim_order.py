@@ -104,10 +104,11 @@ def test_a_cancelled_run_whose_lease_expired_is_not_taken_over(conn) -> None:
                            lease_expires_at = now() - case when message_id = %s then interval '2 minutes'
                                                            else interval '1 minute' end,
                            cancel_requested_at = case when message_id = %s then now() end""", (last, last, cancelled))
-    assert claim(conn, limit=1) == []  # the last attempt's run ends failed; the cancelled one waits
+    # The last attempt's run ends failed; the cancelled one waits. Each comes back marked (20261123001900).
+    assert [(r["message_id"], r["blocked_code"]) for r in claim(conn, limit=1)] == [(last, "lease_expired")]
     assert conn.execute("select status, attempts from assistant_runs order by created_at").fetchall() == \
         [("failed", 3), ("in_progress", 1)]
-    assert claim(conn, limit=1) == []
+    assert [(r["message_id"], r["blocked_code"]) for r in claim(conn, limit=1)] == [(cancelled, "cancelled")]
     assert conn.execute("select status, attempts from assistant_runs where message_id = %s",
                         (cancelled,)).fetchone() == ("cancelled", 1)
 
@@ -161,8 +162,9 @@ def test_a_run_the_claim_ends_holds_nothing_while_it_admits(conn) -> None:
     conn.execute("update assistant_runs set attempts = max_attempts, lease_expires_at = now() - interval '1 second'"
                  " where id = %s", (stale["run_id"],))
     newer = user_message(conn, user, thread, "m2")
-    [took] = claim(conn)  # 4,000 held by the live run + 4,000 for this one: room, the stale one ends
-    assert (took["message_id"], took["blocked_code"]) == (newer, None)
+    # 4,000 held by the live run + 4,000 for this one: room; the stale one ends, returned marked
+    took = {r["message_id"]: r["blocked_code"] for r in claim(conn)}
+    assert took == {newer: None, stale["message_id"]: "lease_expired"}
     assert run_row(conn, stale["run_id"])["status"] == "failed"
 
 
@@ -214,3 +216,44 @@ def test_a_message_deleted_while_its_reply_is_written_is_deleted_without_a_deadl
     assert not any(isinstance(v, Exception) for v in outcome.values()), outcome
     assert outcome["delete"] == 1
     assert conn.execute("select count(*) from assistant_messages where thread_id = %s", (thread,)).fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("cancelled", [False, True])
+async def test_a_run_the_claim_ends_stale_stops_this_worker_s_attempt_and_is_counted(db_url, simulator, monkeypatch,
+                                                                                      cancelled: bool) -> None:
+    """Migration 20261123001900: this worker's attempt lost its lease on the run's last attempt (a
+    stall), and its own claim ends the run (lease_expired, or cancelled when its user asked
+    meanwhile): the claim returns it marked, the attempt stops, its prediction is cancelled, and
+    the run is counted. A cancelled one's prediction is recorded on the run's cancelled event."""
+    simulator.latency = 60
+    user, thread = await new_user_thread(db_url)
+    settings = worker_settings(simulator.base_url, worker_sweep_interval_seconds=0.2, replicate_prefer_wait_seconds=1,
+                               worker_lease_seconds=600)
+    async with running_worker(settings, db_url) as worker:
+        async def no_cancellations(run_ids: list) -> list:  # the stalled worker did not look in time
+            return []
+        monkeypatch.setattr(worker.store, "cancelled_runs", no_cancellations)
+        message = await say(db_url, user, thread, "still there?")
+        await wait_until(checking(lambda: simulator.predictions), what="the prediction")
+        [prediction] = simulator.predictions.values()
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            await conn.execute("update assistant_runs set max_attempts = attempts, lease_expires_at = now() - interval"
+                               " '1 second', cancel_requested_at = case when %s then now() end where message_id = %s",
+                               (cancelled, message))
+        await wait_until(checking(lambda: prediction.canceled_at is not None), what="the prediction to be cancelled")
+        await wait_until(checking(lambda: not worker.inflight and not worker.recording), what="the worker's books")
+    assert worker.counts["abandoned"] == 1 and worker.counts["completed"] == 0
+    if cancelled:
+        assert worker.counts["cancelled"] == 1 and worker.counts["failed.lease_expired"] == 0
+    else:
+        assert worker.counts["failed.lease_expired"] == 1 and worker.counts["cancelled"] == 0
+    [run] = await query(db_url, "select id, status, last_error_code, attempts from assistant_runs where message_id = %s",
+                        (message,))
+    code = "cancelled" if cancelled else "lease_expired"
+    assert (run["status"], run["last_error_code"]) == ("cancelled" if cancelled else "failed", code)
+    events = await query(db_url, "select attempt, status, error_code, prediction_id from assistant_inference_events"
+                                 " where run_id = %s", (run["id"],))
+    status = "cancelled" if cancelled else "failed"
+    expected_code = "cancelled" if cancelled else "lease_lost"
+    assert events == [{"attempt": run["attempts"], "status": status, "error_code": expected_code,
+                       "prediction_id": prediction.id}]

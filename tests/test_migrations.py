@@ -10,7 +10,8 @@ from worker import migrations
 from worker.localdb import LocalDatabase
 
 SCHEMA_FINGERPRINT = """
-select string_agg(format('%s.%s.%s:%s', table_schema, table_name, column_name, data_type), ',' order by 1)
+select string_agg(format('%s.%s.%s:%s', table_schema, table_name, column_name, data_type), ','
+                  order by table_name, column_name)  -- (`order by 1` in an aggregate orders by a constant)
   from information_schema.columns where table_schema = 'public'
 """
 

@@ -268,7 +268,8 @@ def test_a_lease_expired_on_the_last_attempt_fails_the_run(conn, owner, thread) 
     for _ in range(3):
         [run] = claim(conn)
         expire_lease(conn, run["run_id"])
-    assert claim(conn) == []
+    assert [(r["run_id"], r["blocked_code"], r["content"]) for r in claim(conn)] == \
+        [(run["run_id"], "lease_expired", None)]  # ended by the claim: marked, nothing to work on
     row = run_row(conn, run["run_id"])
     assert row["status"] == "failed" and row["last_error_code"] == "lease_expired"
     assert conn.execute("select metadata_json->>'error_code' from assistant_messages where role = 'assistant'").fetchone()[0] == "lease_expired"
@@ -309,7 +310,7 @@ def test_a_cancelled_run_whose_worker_died_ends_cancelled_at_the_next_claim(conn
     [run] = claim(conn, "w1")
     conn.execute("update assistant_runs set cancel_requested_at = now() where id = %s", (run["run_id"],))
     expire_lease(conn, run["run_id"])
-    assert claim(conn, "w2") == []
+    assert [(r["run_id"], r["blocked_code"]) for r in claim(conn, "w2")] == [(run["run_id"], "cancelled")]
     row = run_row(conn, run["run_id"])
     assert row["status"] == "cancelled" and row["lease_owner"] is None
 

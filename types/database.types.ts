@@ -1046,6 +1046,10 @@ export type Database = {
       }
       assistant_id_by_slug: { Args: { p_slug: string }; Returns: string }
       assistant_is_client: { Args: never; Returns: boolean }
+      assistant_lock_requests: {
+        Args: { p_run_ids: string[] }
+        Returns: undefined
+      }
       assistant_schema_version: { Args: never; Returns: string }
       assistant_user_is_guest: { Args: { p_user_id: string }; Returns: boolean }
       attachment_object: {

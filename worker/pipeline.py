@@ -69,8 +69,11 @@ class Wakeups(Protocol):
 # cost limit they could go past together: migration 20261123001300), due again this much later.
 WAITING_FOR_REPLIES = "replies_in_flight"
 WAITING_FOR_REPLIES_SECONDS = 1.0
-# Runs claim_runs ended itself, as failed (their assistant withdrawn from their user meanwhile).
-FAILED_AT_CLAIM = frozenset({"assistant_unavailable"})
+# Runs claim_runs ended itself: failed (their assistant withdrawn from their user meanwhile, or
+# the lease of their last attempt expired: migration 20261123001900), or cancelled (their user
+# asked while the lease of their attempt ran out).
+FAILED_AT_CLAIM = frozenset({"assistant_unavailable", "lease_expired"})
+CANCELLED_AT_CLAIM = "cancelled"
 
 
 class Worker:
@@ -170,13 +173,18 @@ class Worker:
                 for run in runs:
                     if run.blocked_code == WAITING_FOR_REPLIES:  # back in the queue for a second
                         waits += 1
-                    elif run.blocked_code in FAILED_AT_CLAIM:  # ended failed by the claim, and answered
+                    elif run.blocked_code in FAILED_AT_CLAIM or run.blocked_code == CANCELLED_AT_CLAIM:
+                        # Ended by the claim (failed and answered, or cancelled).
                         previous = self.inflight.get(run.run_id)
                         if previous is not None and not previous.done():
                             # Taken over from this worker's own attempt (its lease ran out): as in
                             # _start, that attempt stops and its prediction is cancelled.
                             self._abandon(previous, run, "reclaimed")
-                        self._count_failed(run.blocked_code, run_ended=True)
+                        if run.blocked_code == CANCELLED_AT_CLAIM:
+                            self.counts["cancelled"] += 1
+                            self.metrics.cancelled.inc()
+                        else:
+                            self._count_failed(run.blocked_code, run_ended=True)
                     elif run.blocked_code:  # refused at admission and already answered by the database
                         self.counts["blocked"] += 1
                         self.metrics.blocked.labels(run.blocked_code).inc()

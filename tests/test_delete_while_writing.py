@@ -1,0 +1,274 @@
+"""A user deleting a thread or a message while the worker writes to its request (migration
+20261123001900): every function that locks a run and then writes a row that refers to its thread
+and message (a reply, an event) takes the thread's and the message's keys first, in the order a
+delete takes them (the thread, its messages, by cascade their runs), and claim_runs, which holds
+runs it locked first, skips what a delete holds. Before, each of these could deadlock with the
+delete, and PostgreSQL rolled one of the two back after a second.
+
+Each case runs both orders: the delete first (held after its first row lock by a trigger of the
+test, waiting for an advisory lock), then the writer; and the writer first (held the same way
+just before it inserts its first row), then the delete. Both must end without an error: the
+writer that came second finds its run gone; the delete that came second deletes the reply too."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import psycopg.errors
+import pytest
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from tests import postgrest
+from tests.conftest import user_message
+from tests.postgrest import create_user
+from tests.test_claim_order import in_thread, wait_for_its_lock
+from tests.test_run_functions import MODEL, claim, expire_lease
+
+DELETE_GATE, WRITE_GATE = 4201, 4202
+
+GATES = f"""
+create function test_hold_delete() returns trigger language plpgsql as $$
+begin perform pg_advisory_xact_lock_shared({DELETE_GATE}); return old; end $$;
+create trigger test_hold_delete before delete on assistant_messages
+  for each row execute function test_hold_delete();
+create function test_hold_write() returns trigger language plpgsql as $$
+begin perform pg_advisory_xact_lock_shared({WRITE_GATE}); return new; end $$;
+create trigger test_hold_write before insert on assistant_messages
+  for each row when (new.role <> 'user') execute function test_hold_write();
+create trigger test_hold_write before insert on assistant_inference_events
+  for each row execute function test_hold_write();
+"""
+
+
+@dataclass
+class Request:
+    user: uuid.UUID
+    thread: uuid.UUID
+    message: uuid.UUID
+    run: dict  # as claim_runs returned it (or the run's row, for a run left queued)
+
+
+def _claimed(conn: psycopg.Connection) -> Request:
+    user = create_user(conn)
+    thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (user,)).fetchone()[0]
+    message = user_message(conn, user, thread)
+    [run] = claim(conn)
+    return Request(user, thread, message, run)
+
+
+def _queued(conn: psycopg.Connection) -> Request:
+    user = create_user(conn)
+    thread = conn.execute("insert into assistant_threads (user_id) values (%s) returning id", (user,)).fetchone()[0]
+    message = user_message(conn, user, thread)
+    run = conn.cursor(row_factory=dict_row).execute(
+        "select id as run_id, attempts as attempt from assistant_runs where message_id = %s", (message,)).fetchone()
+    return Request(user, thread, message, run)
+
+
+def _flag_cancelled(conn: psycopg.Connection, request: Request) -> None:
+    conn.execute("update assistant_runs set cancel_requested_at = now() where id = %s", (request.run["run_id"],))
+
+
+def _consumed(request: Request, attempt: int) -> Jsonb:
+    return Jsonb({"attempt": attempt, "model": MODEL, "prediction_id": "p1", "input_tokens": 10, "output_tokens": 5})
+
+
+# Each writer: how its request is prepared (on the test's connection) and the call the worker (or
+# the user) makes, on a connection of its own, with what it answers when its run is gone.
+Prepare = Callable[[psycopg.Connection], Request]
+Call = Callable[[psycopg.Connection, Request], Any]
+
+
+def _complete_run(worker: psycopg.Connection, r: Request) -> Any:
+    return worker.execute("select complete_run(%s, %s, 'An answer.', %s, p_input_tokens => 10, p_output_tokens => 5)",
+                          (r.run["run_id"], r.run["attempt"], MODEL)).fetchone()[0]
+
+
+def _complete_runs(worker: psycopg.Connection, r: Request) -> Any:
+    one = {"run_id": str(r.run["run_id"]), "attempt": r.run["attempt"], "content": "An answer.", "model": MODEL,
+           "input_tokens": 10, "output_tokens": 5}
+    return worker.execute("select reply_id from complete_runs(%s)", (Jsonb([one]),)).fetchall()
+
+
+def _fail_final(worker: psycopg.Connection, r: Request) -> Any:
+    return worker.execute("select fail_attempt(%s, %s, 'invalid_input', 'refused', false, p_model => %s)",
+                          (r.run["run_id"], r.run["attempt"], MODEL)).fetchone()[0]
+
+
+def _fail_retried(worker: psycopg.Connection, r: Request) -> Any:
+    return worker.execute("select fail_attempt(%s, %s, 'provider_unavailable', 'boom', p_model => %s)",
+                          (r.run["run_id"], r.run["attempt"], MODEL)).fetchone()[0]
+
+
+def _finish_cancelled(worker: psycopg.Connection, r: Request) -> Any:
+    return worker.execute("select finish_cancelled(%s, %s)", (r.run["run_id"], _consumed(r, r.run["attempt"]))).fetchone()[0]
+
+
+def _release(worker: psycopg.Connection, r: Request) -> Any:
+    return worker.execute("select release_run(%s, 'w1', %s)", (r.run["run_id"], r.run["attempt"])).fetchone()[0]
+
+
+def _abandoned(conn: psycopg.Connection) -> Request:
+    request = _claimed(conn)
+    expire_lease(conn, request.run["run_id"])
+    [again] = claim(conn, worker="w2")  # attempt 2 took it over; attempt 1 is abandoned
+    assert again["attempt"] == 2
+    return request
+
+
+def _record_abandoned(worker: psycopg.Connection, r: Request) -> Any:
+    return worker.execute("select record_abandoned_attempt(%s, %s)", (r.run["run_id"], _consumed(r, 1))).fetchone()[0]
+
+
+def _cancel_by_user(worker: psycopg.Connection, r: Request) -> Any:
+    with postgrest.request(worker, postgrest.user("owner", r.user), commit=True) as cur:
+        return cur.execute("select cancel_run(%s)", (r.run["run_id"],)).fetchone()[0]
+
+
+def _stale(conn: psycopg.Connection) -> Request:
+    """Its last attempt's lease ran out: the next claim ends it (lease_expired, with a reply)."""
+    request = _claimed(conn)
+    conn.execute("update assistant_runs set attempts = max_attempts, lease_expires_at = now() - interval '1 second'"
+                 " where id = %s", (request.run["run_id"],))
+    return request
+
+
+def _unavailable(conn: psycopg.Connection) -> Request:
+    """Queued in a thread whose assistant was withdrawn as it was queued: the claim ends it."""
+    user = create_user(conn)
+    gone = conn.execute("insert into assistants (slug, name) values ('gone', 'Gone') returning id").fetchone()[0]
+    thread = conn.execute("insert into assistant_threads (user_id, assistant_id) values (%s, %s) returning id",
+                          (user, gone)).fetchone()[0]
+    message = user_message(conn, user, thread)
+    conn.execute("alter table assistants disable trigger assistants_after_withdrawal")  # as if it raced
+    conn.execute("update assistants set is_active = false where id = %s", (gone,))
+    run = conn.execute("select id from assistant_runs where message_id = %s", (message,)).fetchone()[0]
+    return Request(user, thread, message, {"run_id": run, "attempt": 1})
+
+
+def _claim(worker: psycopg.Connection, r: Request) -> Any:
+    rows = worker.cursor(row_factory=dict_row).execute("select * from claim_runs('w3', 10, 60)").fetchall()
+    return [(row["run_id"], row["blocked_code"]) for row in rows]
+
+
+def _with_cancel_flag(prepare: Prepare) -> Prepare:
+    def prepared(conn: psycopg.Connection) -> Request:
+        request = prepare(conn)
+        _flag_cancelled(conn, request)
+        return request
+    return prepared
+
+
+# name: (prepare, call, what the call answers when the delete came first, when the call came first)
+GONE = psycopg.errors.NoDataFound
+WRITERS: dict[str, tuple[Prepare, Call, Any, Callable[[Request], Any]]] = {
+    "complete_run": (_claimed, _complete_run, GONE, lambda r: uuid.UUID),
+    "complete_runs": (_claimed, _complete_runs, GONE, lambda r: list),
+    "fail_attempt_final": (_claimed, _fail_final, GONE, lambda r: "failed"),
+    "fail_attempt_retried": (_claimed, _fail_retried, GONE, lambda r: "queued"),
+    "finish_cancelled": (_with_cancel_flag(_claimed), _finish_cancelled, False, lambda r: True),
+    "release_run_cancelled": (_with_cancel_flag(_claimed), _release, False, lambda r: True),
+    "record_abandoned_attempt": (_abandoned, _record_abandoned, False, lambda r: True),
+    "cancel_run_by_user": (_queued, _cancel_by_user, GONE, lambda r: "cancelled"),
+    "claim_ending_stale": (_stale, _claim, [], lambda r: [(r.run["run_id"], "lease_expired")]),
+    "claim_ending_unavailable": (_unavailable, _claim, [], lambda r: [(r.run["run_id"], "assistant_unavailable")]),
+}
+
+
+def _delete(client: psycopg.Connection, r: Request, what: str) -> int:
+    table, row = ("assistant_threads", r.thread) if what == "thread" else ("assistant_messages", r.message)
+    with postgrest.request(client, postgrest.user("owner", r.user), commit=True) as cur:
+        return cur.execute(f"delete from {table} where id = %s", (row,)).rowcount
+
+
+def _answered(outcome: Any, expected: Any) -> bool:
+    if isinstance(expected, type):
+        return isinstance(outcome, expected)
+    return outcome == expected
+
+
+@pytest.mark.parametrize("first", ["delete", "writer"])
+@pytest.mark.parametrize("what", ["thread", "message"])
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_deleting_while_the_worker_writes_ends_both_without_a_deadlock(db_url: str, conn, writer: str, what: str,
+                                                                       first: str) -> None:
+    prepare, call, when_gone, when_first = WRITERS[writer]
+    request = prepare(conn)
+    conn.execute(GATES)
+    gate_key = DELETE_GATE if first == "delete" else WRITE_GATE
+    outcome: dict = {}
+    with psycopg.connect(db_url, autocommit=True) as gate, psycopg.connect(db_url, autocommit=True) as worker, \
+            psycopg.connect(db_url, autocommit=True) as client:
+        gate.execute("select pg_advisory_lock(%s)", (gate_key,))
+        for c in (worker, client):
+            c.execute("set statement_timeout = '30s'")
+        worker.execute("set role service_role")
+        deleting = lambda: in_thread(outcome, "delete", lambda: _delete(client, request, what))  # noqa: E731
+        writing = lambda: in_thread(outcome, "writer", lambda: call(worker, request))  # noqa: E731
+        if first == "delete":
+            threads = [deleting()]
+            wait_for_its_lock(conn, client, threads[0], outcome)  # held, the thread (and the message) locked
+            threads.append(writing())
+            if writer.startswith("claim"):
+                threads[1].join(30)  # a claim skips what the delete holds: it does not wait
+            else:
+                wait_for_its_lock(conn, worker, threads[1], outcome)  # for the delete
+        else:
+            threads = [writing()]
+            wait_for_its_lock(conn, worker, threads[0], outcome)  # held, its locks taken, before its first insert
+            threads.append(deleting())
+            wait_for_its_lock(conn, client, threads[1], outcome)  # for the writer
+        gate.execute("select pg_advisory_unlock(%s)", (gate_key,))
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads), outcome
+    assert outcome["delete"] == 1, outcome
+    expected = when_gone if first == "delete" else when_first(request)
+    if isinstance(expected, type) and issubclass(expected, Exception):
+        assert isinstance(outcome["writer"], expected), outcome
+    else:
+        assert not isinstance(outcome["writer"], Exception), outcome
+        assert _answered(outcome["writer"], expected), outcome
+    # Nothing of the request is left: its message, its reply and its run went with the delete.
+    left = conn.execute("select (select count(*) from assistant_messages where thread_id = %s),"
+                        " (select count(*) from assistant_runs where id = %s)",
+                        (request.thread, request.run["run_id"])).fetchone()
+    assert left == (0, 0)
+    if what == "message":
+        assert conn.execute("select count(*) from assistant_threads where id = %s", (request.thread,)).fetchone()[0] == 1
+
+
+def test_a_run_the_claim_leaves_to_a_delete_is_claimed_when_the_delete_is_rolled_back(db_url: str, conn) -> None:
+    """The claim left a run whose thread a delete held: if that delete then fails, the run is in
+    the queue as it was, and the next claim takes it."""
+    request = _claimed(conn)
+    second = user_message(conn, request.user, request.thread, "and another thing")
+    conn.execute(GATES)
+    outcome: dict = {}
+    with psycopg.connect(db_url, autocommit=True) as gate, psycopg.connect(db_url) as client, \
+            psycopg.connect(db_url, autocommit=True) as worker:
+        gate.execute("select pg_advisory_lock(%s)", (DELETE_GATE,))
+        worker.execute("set statement_timeout = '30s'")
+        client.execute("set local statement_timeout = '30s'")
+        client.execute("set local role authenticated")
+        client.execute("select set_config('request.jwt.claims', %s, true)",
+                       (json.dumps(postgrest.user("owner", request.user).claims()),))
+        deleting = in_thread(outcome, "delete", lambda: client.execute(
+            "delete from assistant_threads where id = %s", (request.thread,)).rowcount)
+        wait_for_its_lock(conn, client, deleting, outcome)
+        assert claim(worker) == []  # left to the delete: not taken, not waited for
+        gate.execute("select pg_advisory_unlock(%s)", (DELETE_GATE,))
+        deleting.join(30)
+        assert outcome == {"delete": 1}
+        client.rollback()  # the delete fails after all
+    row = conn.execute("select status, attempts, lease_owner from assistant_runs where message_id = %s",
+                       (second,)).fetchone()
+    assert row == ("queued", 0, None)
+    [taken] = claim(conn)
+    assert (taken["message_id"], taken["attempt"], taken["blocked_code"]) == (second, 1, None)
