@@ -13,7 +13,7 @@ import pytest
 from tests import postgrest
 from tests.pipeline_helpers import as_user, finished_runs, new_user_thread, query, running_worker, say, worker_settings
 from tests.postgrest import create_user, request
-from tests.test_assistants import actions_assistant, last_chat_input, proposing, thread_with
+from tests.test_assistants import actions_assistant, last_chat_input, make_assistant, proposing, thread_with
 from worker.config import Settings
 from worker.prompts import Assistant, build_request
 from worker.store import storable
@@ -127,3 +127,22 @@ async def test_a_crash_tells_the_user_its_kind_and_keeps_its_text_for_the_log(db
     [seen] = await as_user(db_url, user, "select last_error from assistant_runs")
     assert seen["last_error"] == "RuntimeError (the worker's log has the details)"
     assert "secret_table" in caplog.text
+
+
+async def test_an_assistant_without_follow_ups_stores_none_its_reply_writes(db_url, simulator) -> None:
+    """As for actions: a reply that writes the follow-up block (a user can ask any model to) gets
+    follow-ups stored only where the assistant has the `follow_ups` feature."""
+    simulator.reply = lambda _: "An answer.\n<<follow-ups>>\n- What next?\n- And then?"
+    plain = await make_assistant(db_url, slug="plain", name="Plain", features=[])
+    user, default_thread = await new_user_thread(db_url)  # the default assistant has `follow_ups`
+    plain_thread = await thread_with(db_url, user, plain["id"])
+    async with running_worker(worker_settings(simulator.base_url), db_url):
+        asked = await say(db_url, user, default_thread, "a question")
+        plain_asked = await say(db_url, user, plain_thread, "a question")
+        await finished_runs(db_url, 2)
+    rows = await query(db_url, "select m.reply_to, count(f.*) as follow_ups from assistant_messages m"
+                               " left join assistant_follow_ups f on f.message_id = m.id"
+                               " where m.role = 'assistant' group by m.reply_to, m.content")
+    assert {r["reply_to"]: r["follow_ups"] for r in rows} == {asked: 2, plain_asked: 0}
+    replies = await query(db_url, "select content from assistant_messages where role = 'assistant'")
+    assert {r["content"] for r in replies} == {"An answer."}  # the block never shows in the reply

@@ -689,7 +689,8 @@ class Worker:
             reply_id = await self.completions.submit(Completion(
                 run, content=reply.content, model=request.model.slug, prediction_id=prediction.id,
                 input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost,
-                latency_ms=prediction.latency_ms, metadata=metadata, follow_ups=reply.follow_ups,
+                latency_ms=prediction.latency_ms, metadata=metadata,
+                follow_ups=reply.follow_ups if request.follow_ups_offered else [],
                 actions=reply.actions if request.actions_offered else [],
                 time_to_first_token_ms=prediction.time_to_first_token_ms))
         finally:

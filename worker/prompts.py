@@ -180,6 +180,9 @@ class ModelRequest:
     # The assistant has the `actions` feature and was told the actions: only then is an action
     # the reply proposes kept (a user can make any model write the marker).
     actions_offered: bool = False
+    # The assistant has the `follow_ups` feature (and was asked for them): only then are the
+    # follow-up questions a reply carries kept.
+    follow_ups_offered: bool = False
 
 
 def fill_input(template: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +218,8 @@ def build_request(settings: Settings, history: list[dict[str, Any]], content: st
         "temperature": assistant.temperature if assistant.temperature is not None else settings.temperature,
     }
     return ModelRequest(model, route, fill_input(model.input, values), estimate_tokens(prompt), len(kept), knowledge,
-                        actions_offered="actions" in assistant.features and bool(actions))
+                        actions_offered="actions" in assistant.features and bool(actions),
+                        follow_ups_offered="follow_ups" in assistant.features)
 
 
 MARKERS = (FOLLOW_UPS_MARKER, ACTION_MARKER)
