@@ -13,7 +13,7 @@ import pytest
 from tests import postgrest
 from tests.pipeline_helpers import as_user, finished_runs, new_user_thread, query, running_worker, say, worker_settings
 from tests.postgrest import create_user, request
-from tests.test_assistants import actions_assistant, last_chat_input, make_assistant, proposing, thread_with
+from tests.test_assistants import last_chat_input, make_assistant, proposing, thread_with
 from worker.config import Settings
 from worker.prompts import Assistant, build_request
 from worker.store import storable
@@ -62,7 +62,8 @@ async def test_a_reply_with_characters_postgresql_cannot_store_is_written_withou
     simulator.reply = lambda _: ("Zero\x00 byte.\n<<follow-ups>>\n- Why\x00?\n<<action>> "
                                  '{"type": "update_profile_preferences", "payload": {"a\\u0000": "b\\u0000", "n": NaN}}')
     user, _ = await new_user_thread(db_url)
-    thread = await thread_with(db_url, user, await actions_assistant(db_url))
+    both = await make_assistant(db_url, slug="both", name="Both", features=["actions", "follow_ups"])
+    thread = await thread_with(db_url, user, both["id"])
     async with running_worker(worker_settings(simulator.base_url), db_url, stream=True):
         message = await say(db_url, user, thread, "say it")
         [run] = await finished_runs(db_url, 1)
