@@ -188,9 +188,32 @@ def test_expired_lease_is_claimed_again_and_the_late_worker_cannot_double_reply(
     [second] = claim(conn, "w2")
     assert second["run_id"] == first["run_id"] and second["attempt"] == 2
     reply = complete(conn, second, "from w2")
-    assert complete(conn, first, "from w1, late") == reply
+    assert complete(conn, second, "from w2") == reply  # the same call again: its reply
+    assert complete(conn, first, "from w1, late") is None  # not its reply (20261123001900, 5)
     assert fail(conn, first) == "superseded"
     assert conn.execute("select content from assistant_messages where role = 'assistant'").fetchall() == [("from w2",)]
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_completion_of_a_run_that_ended_failed_meanwhile_answers_no_reply(conn, owner, thread, batch: bool) -> None:
+    """The last attempt's lease ran out while its reply was on its way, and a claim ended the run
+    (lease_expired, with its notice): the reply the run has is not this attempt's, and the call
+    says so (it answered the notice's id, and the worker counted a completed run)."""
+    message = say(conn, owner, thread)
+    [run] = claim(conn)
+    conn.execute("update assistant_runs set max_attempts = 1, lease_expires_at = now() - interval '1 second'"
+                 " where id = %s", (run["run_id"],))
+    assert [r["blocked_code"] for r in claim(conn)] == ["lease_expired"]
+    if batch:
+        one = {"run_id": str(run["run_id"]), "attempt": run["attempt"], "content": "late", "model": MODEL}
+        answered = conn.execute("select run_id, reply_id from complete_runs(%s)",
+                                (psycopg.types.json.Jsonb([one]),)).fetchall()
+        assert answered == [(run["run_id"], None)]
+    else:
+        assert complete(conn, run, "late") is None
+    [(notice, metadata)] = conn.execute("select content, metadata_json from assistant_messages where reply_to = %s",
+                                        (message,)).fetchall()
+    assert metadata["error_code"] == "lease_expired"
 
 
 def test_late_failure_of_a_reclaimed_attempt_leaves_the_run_alone(conn, owner, thread) -> None:

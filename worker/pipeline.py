@@ -699,7 +699,8 @@ class Worker:
             self.metrics.cost.labels(request.model.slug).inc(float(cost))
         if reply_id is None:
             # The run ended without this reply: cancelled by its user meanwhile (complete_runs
-            # ended it so and counted what the prediction consumed), or ended by the claim.
+            # ended it so and counted what the prediction consumed), ended by a claim (failed,
+            # its lease having run out), or answered by another attempt (20261123001900).
             self.counts["ended_meanwhile"] += 1
             log.info("run ended before its reply was written", extra={
                 "event": "run.ended_meanwhile", "run_id": str(run.run_id), "prediction_id": prediction.id})

@@ -35,6 +35,11 @@
 --    run ended cancelled so has its number taken by the run's cancelled event:
 --    record_abandoned_attempt now puts what its prediction consumed on that event and the
 --    user's usage, as record_cancelled_consumption does for a cancelled run (it recorded nothing).
+-- 5. complete_run and complete_runs answer a run's reply only when it is the reply of the
+--    attempt that calls (written now, or by the same call before, its answer lost on the way),
+--    and null when the run ended otherwise. They answered whatever reply the run had: the notice
+--    of a run failed meanwhile (its last lease expired while this attempt's reply was on its
+--    way), or another attempt's reply, and the worker counted a completed run that was not one.
 
 -- The threads' and then the messages' keys of these runs, each set in id order: what every
 -- writer to a run takes before the run (see 1). Called only by the functions below.
@@ -88,7 +93,12 @@ begin
     raise exception 'run % not found', p_run_id using errcode = 'P0002';
   end if;
   if run.status not in ('queued', 'in_progress') then
-    select id into reply_id from public.assistant_messages where reply_to = run.message_id;
+    -- The reply only if it is this attempt's (this call again, its answer lost on the way); null
+    -- if the run ended otherwise (see 5).
+    if exists (select 1 from public.assistant_inference_events e
+                where e.run_id = p_run_id and e.attempt = p_attempt and e.status = 'succeeded') then
+      select id into reply_id from public.assistant_messages where reply_to = run.message_id;
+    end if;
     return reply_id;
   end if;
   if run.cancel_requested_at is not null then
@@ -309,8 +319,11 @@ begin
   )
   select count(*) into completed from done;
 
-  return query
-  select r.id, (select m.id from public.assistant_messages m where m.reply_to = r.message_id)
+  return query  -- each element's reply, if it is its attempt's (see 5)
+  select r.id, case when exists (select 1 from public.assistant_inference_events e
+                                  where e.run_id = r.id and e.status = 'succeeded'
+                                    and e.attempt = (p_runs -> (x.n - 1)::integer ->> 'attempt')::integer)
+                    then (select m.id from public.assistant_messages m where m.reply_to = r.message_id) end
     from unnest(ids) with ordinality x (id, n)
     join public.assistant_runs r on r.id = x.id
    order by x.n;
