@@ -336,6 +336,9 @@ def test_a_cancelled_run_whose_worker_died_ends_cancelled_at_the_next_claim(conn
     assert [(r["run_id"], r["blocked_code"]) for r in claim(conn, "w2")] == [(run["run_id"], "cancelled")]
     row = run_row(conn, run["run_id"])
     assert row["status"] == "cancelled" and row["lease_owner"] is None
+    # The attempt that lost its lease fails late: the claim counted the run, so this call says
+    # superseded, not cancelled (20261123001900, 6).
+    assert fail(conn, run) == "superseded"
 
 
 def test_a_cancelled_prediction_s_consumption_is_recorded_once(conn, owner, thread) -> None:

@@ -245,6 +245,26 @@ async def test_the_batcher_sends_what_queued_meanwhile_together_in_order_and_rep
     assert sent[-1] == [14]
 
 
+async def test_a_keyed_batcher_sends_one_item_per_key_in_a_batch_and_keeps_the_order() -> None:
+    """As the worker batches completions (one per user: see Worker.completions)."""
+    sent: list[list[str]] = []
+    gate = asyncio.Event()
+
+    async def send(items: list[str]) -> None:
+        if not sent:
+            await gate.wait()
+        sent.append(items)
+
+    batcher: Batcher[str, None] = Batcher(send, max_batch=3, key=lambda item: item[0])  # the key: its letter
+    first = asyncio.create_task(batcher.submit("a0"))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(batcher.submit(item)) for item in ("a1", "b1", "a2", "c1", "d1", "b2")]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(first, *rest)
+    assert sent == [["a0"], ["a1", "b1", "c1"], ["a2", "d1", "b2"]]
+
+
 async def test_many_replies_streaming_at_once_share_notify_statements(db_url, simulator, monkeypatch) -> None:
     """Eight replies streaming together: every delta arrives, in order per reply, in fewer
     statements than deltas. The first statement is held until two more deltas are waiting, so

@@ -113,7 +113,11 @@ class Worker:
         # their prediction cancelled, recorded as lease_lost; the attempt that holds the lease answers.
         self.abandoned: set[asyncio.Task[None]] = set()
         self._check_cancellations = asyncio.Event()
-        self.completions: Batcher[Completion, uuid.UUID | None] = Batcher(self._complete_batch, COMPLETE_BATCH)
+        # One reply per user in a batch: a user's delete of several of their threads (or of a
+        # thread's messages) in one statement locks them in its scan order, which a batch's
+        # locks in id order could cross (a deadlock); one per user, they cannot.
+        self.completions: Batcher[Completion, uuid.UUID | None] = Batcher(
+            self._complete_batch, COMPLETE_BATCH, key=lambda completion: completion.run.user_id)
 
     # -- the loop -------------------------------------------------------------------------------
     def wake(self, kind: str = "runs") -> None:
@@ -193,7 +197,7 @@ class Worker:
                 if waits:  # due again in a second (the exact time is the database's; this is a hint)
                     self.counts["waited"] += waits
                     asyncio.get_running_loop().call_later(WAITING_FOR_REPLIES_SECONDS + 0.05, self.wake)
-                full_batch = len(runs) == batch
+                full_batch = len(runs) >= batch  # (the runs a claim ends come back beside those it takes)
                 self._backlog = full_batch
             if self._actions_due:
                 await self._claim_actions()

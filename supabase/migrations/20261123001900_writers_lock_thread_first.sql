@@ -40,6 +40,13 @@
 --    and null when the run ended otherwise. They answered whatever reply the run had: the notice
 --    of a run failed meanwhile (its last lease expired while this attempt's reply was on its
 --    way), or another attempt's reply, and the worker counted a completed run that was not one.
+-- 6. Found by a review of the above. The trigger that ends the queued runs of a withdrawn
+--    assistant locks them all (after their threads and messages) before it writes the first
+--    reply, and writes the replies in thread order: it had locked each run as its loop fetched
+--    it, between replies, in run order (a deadlock with a completion batch or a claim writing in
+--    two of the same threads). fail_attempt answers `cancelled` to a repeated call only when its
+--    own failed event is there: the cancelled event of a run the claim ended (4) made the late
+--    call of the stalled attempt answer `cancelled`, and the run was counted twice.
 
 -- The threads' and then the messages' keys of these runs, each set in id order: what every
 -- writer to a run takes before the run (see 1). Called only by the functions below.
@@ -381,7 +388,9 @@ begin
        and run.last_error_code is not distinct from p_error_code then
       return run.status;
     end if;
-    if recorded = 0 and run.attempts = p_attempt and run.status = 'cancelled' and run.cancel_requested_at is not null then
+    if recorded = 0 and run.attempts = p_attempt and run.status = 'cancelled' and run.cancel_requested_at is not null
+       and exists (select 1 from public.assistant_inference_events e  -- its own failed event, not a
+                    where e.run_id = p_run_id and e.attempt = p_attempt and e.status = 'failed') then  -- claim's (see 6)
       return 'cancelled';
     end if;
     -- The run moved on without this attempt: another attempt took it over, completed it or
@@ -817,20 +826,23 @@ set search_path = ''
 as $$
 declare
   run public.assistant_runs;
+  ids uuid[];
 begin
-  -- Their threads and messages before the runs, as every writer takes them (20261123001900).
-  perform public.assistant_lock_requests(array(
+  -- Their threads and messages, then all the runs, before the first reply (see 6): the lock
+  -- order of every writer, and replies in thread order, as the claim and completions write them.
+  -- A run queued after this look is ended by the claim that takes it (20261123001400).
+  ids := array(
     select r.id from public.assistant_runs r
-      join public.assistant_threads t on t.id = r.thread_id
-     where t.assistant_id = new.id and r.status = 'queued'));
-  for run in
-    select r.* from public.assistant_runs r
       join public.assistant_threads t on t.id = r.thread_id
       join auth.users u on u.id = r.user_id
      where t.assistant_id = new.id and r.status = 'queued'
-       and (not new.is_active or (new.offered_to = 'members' and coalesce(u.is_anonymous, false)))
-     order by r.id
-       for update of r
+       and (not new.is_active or (new.offered_to = 'members' and coalesce(u.is_anonymous, false))));
+  perform public.assistant_lock_requests(ids);
+  perform 1 from public.assistant_runs r where r.id = any(ids) order by r.thread_id, r.id for update;
+  for run in
+    select r.* from public.assistant_runs r
+     where r.id = any(ids) and r.status = 'queued'  -- still queued, now that it is locked
+     order by r.thread_id, r.id
   loop
     insert into public.assistant_inference_events
       (user_id, thread_id, message_id, run_id, attempt, provider, model, status, error_code)
