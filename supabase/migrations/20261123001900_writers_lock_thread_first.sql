@@ -55,12 +55,15 @@ language plpgsql
 set search_path = ''
 as $$
 begin
+  -- `= any(array(…))`: an index scan of each table by its key, for a few rows or a batch. (With
+  -- `in (select …)`, the generic plan joined a whole table's scan to the runs whenever the
+  -- table was small enough for that to look cheaper: a scan per completion as the table grew.)
   perform 1 from public.assistant_threads t
-   where t.id in (select r.thread_id from public.assistant_runs r where r.id = any(p_run_ids))
+   where t.id = any(array(select r.thread_id from public.assistant_runs r where r.id = any(p_run_ids)))
    order by t.id
      for key share;
   perform 1 from public.assistant_messages m
-   where m.id in (select r.message_id from public.assistant_runs r where r.id = any(p_run_ids))
+   where m.id = any(array(select r.message_id from public.assistant_runs r where r.id = any(p_run_ids)))
    order by m.id
      for key share;
 end
@@ -94,7 +97,13 @@ declare
   body text := coalesce(p_content, '');
   metadata jsonb := coalesce(p_metadata, '{}'::jsonb);
 begin
-  perform public.assistant_lock_requests(array[p_run_id]);  -- the thread and message before the run
+  -- The thread and message before the run (see 1): assistant_lock_requests, inlined for one run.
+  perform 1 from public.assistant_threads t
+   where t.id = (select r.thread_id from public.assistant_runs r where r.id = p_run_id)
+     for key share;
+  perform 1 from public.assistant_messages m
+   where m.id = (select r.message_id from public.assistant_runs r where r.id = p_run_id)
+     for key share;
   select * into run from public.assistant_runs where id = p_run_id for update;
   if not found then
     raise exception 'run % not found', p_run_id using errcode = 'P0002';
