@@ -272,3 +272,54 @@ def test_a_run_the_claim_leaves_to_a_delete_is_claimed_when_the_delete_is_rolled
     assert row == ("queued", 0, None)
     [taken] = claim(conn)
     assert (taken["message_id"], taken["attempt"], taken["blocked_code"]) == (second, 1, None)
+
+
+def test_withdrawing_an_assistant_writes_its_replies_in_thread_order_beside_a_completion_batch(db_url: str,
+                                                                                               conn) -> None:
+    """Migration 20261123001900, 6: the trigger that ends a withdrawn assistant's queued runs
+    writes their replies in thread order, as complete_runs does. Threads X < Y, each with a run
+    in progress (completed in one batch) and a queued one (Y's with the smaller run id). The
+    withdrawal is held just before its reply in X: had it written Y's first (run order), the
+    batch would wait for Y while the withdrawal waited for X."""
+    assistant = conn.execute("insert into assistants (slug, name) values ('leaving', 'Leaving') returning id").fetchone()[0]
+    x, y = uuid.UUID(int=1), uuid.UUID(int=2)
+    users = {x: create_user(conn), y: create_user(conn)}
+    for thread, user in users.items():
+        conn.execute("insert into assistant_threads (id, user_id, assistant_id) values (%s, %s, %s)", (thread, user, assistant))
+        user_message(conn, user, thread, "first")
+    in_progress = claim(conn)
+    for thread, user in users.items():
+        user_message(conn, user, thread, "second")
+    conn.execute("update assistant_runs set id = case when thread_id = %s then %s::uuid else %s::uuid end"
+                 " where status = 'queued'", (x, uuid.UUID(int=2 ** 128 - 1), uuid.UUID(int=3)))
+    conn.execute(f"""
+        create function test_hold_withdrawal() returns trigger language plpgsql as $$
+        begin perform pg_advisory_xact_lock_shared({WRITE_GATE}); return new; end $$;
+        create trigger test_hold_withdrawal before insert on assistant_messages
+          for each row when (new.thread_id = '{x}' and new.metadata_json ? 'error_code')
+          execute function test_hold_withdrawal();""")
+    batch = [{"run_id": str(r["run_id"]), "attempt": r["attempt"], "content": "An answer.", "model": MODEL}
+             for r in in_progress]
+    outcome: dict = {}
+    with psycopg.connect(db_url, autocommit=True) as gate, psycopg.connect(db_url, autocommit=True) as admin, \
+            psycopg.connect(db_url, autocommit=True) as worker:
+        gate.execute("select pg_advisory_lock(%s)", (WRITE_GATE,))
+        for c in (admin, worker):
+            c.execute("set statement_timeout = '30s'")
+        withdrawing = in_thread(outcome, "withdrawal", lambda: admin.execute(
+            "update assistants set is_active = false where id = %s", (assistant,)).rowcount)
+        wait_for_its_lock(conn, admin, withdrawing, outcome)  # held before its reply in X
+        completing = in_thread(outcome, "batch", lambda: worker.execute(
+            "select reply_id from complete_runs(%s)", (Jsonb(batch),)).fetchall())
+        while completing.is_alive() and not conn.execute(
+                "select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
+                (worker.info.backend_pid,)).fetchone()[0]:
+            pass  # the batch ends, or waits for a lock (for Y's row, had the withdrawal written there)
+        gate.execute("select pg_advisory_unlock(%s)", (WRITE_GATE,))
+        withdrawing.join(30)
+        completing.join(30)
+    assert not any(isinstance(v, Exception) for v in outcome.values()), outcome
+    assert outcome["withdrawal"] == 1 and all(reply for (reply,) in outcome["batch"])
+    ended = conn.execute("select thread_id, status, last_error_code from assistant_runs order by thread_id, status").fetchall()
+    assert ended == [(x, "completed", None), (x, "failed", "assistant_unavailable"),
+                     (y, "completed", None), (y, "failed", "assistant_unavailable")]
