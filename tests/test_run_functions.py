@@ -341,6 +341,28 @@ def test_a_cancelled_run_whose_worker_died_ends_cancelled_at_the_next_claim(conn
     assert fail(conn, run) == "superseded"
 
 
+def test_a_late_finish_of_a_cancelled_run_the_claim_ended_records_its_prediction_once(conn, owner, thread) -> None:
+    """20261123001900, 6: the stalled attempt's own finish_cancelled comes after the claim ended
+    the run cancelled (its event under the same attempt, without a prediction): the prediction
+    and what it consumed go on that event and the user's usage, once."""
+    say(conn, owner, thread)
+    [run] = claim(conn, "w1")
+    conn.execute("update assistant_runs set cancel_requested_at = now() where id = %s", (run["run_id"],))
+    expire_lease(conn, run["run_id"])
+    assert [r["blocked_code"] for r in claim(conn, "w2")] == ["cancelled"]
+    before = {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()}
+    consumed = psycopg.types.json.Jsonb({"attempt": 1, "model": MODEL, "prediction_id": "p9", "input_tokens": 100,
+                                         "output_tokens": 20})
+    for _ in range(2):  # the second call: its answer was lost on the way
+        assert conn.execute("select finish_cancelled(%s, %s)", (run["run_id"], consumed)).fetchone()[0] is True
+    events = conn.execute("select attempt, status, prediction_id, input_tokens, output_tokens"
+                          " from assistant_inference_events where run_id = %s", (run["run_id"],)).fetchall()
+    assert events == [(1, "cancelled", "p9", 100, 20)]
+    after = {(m, w): u for m, w, u in conn.execute(COUNTERS, (owner,)).fetchall()}
+    tokens = {k: after[k] - before.get(k, 0) for k in after if k[0] == "tokens"}
+    assert tokens and set(tokens.values()) == {120}  # every window of the token counter, once
+
+
 def test_a_cancelled_prediction_s_consumption_is_recorded_once(conn, owner, thread) -> None:
     """record_cancelled_consumption: a run cancelled while its create was on its way gets the
     prediction and what it consumed on its cancelled event, and the tokens on the user's usage,

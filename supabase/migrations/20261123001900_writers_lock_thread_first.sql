@@ -46,7 +46,10 @@
 --    it, between replies, in run order (a deadlock with a completion batch or a claim writing in
 --    two of the same threads). fail_attempt answers `cancelled` to a repeated call only when its
 --    own failed event is there: the cancelled event of a run the claim ended (4) made the late
---    call of the stalled attempt answer `cancelled`, and the run was counted twice.
+--    call of the stalled attempt answer `cancelled`, and the run was counted twice. Its
+--    finish_cancelled, which cannot record its own event under that attempt's number either,
+--    puts what its prediction consumed on the claim's cancelled event and the user's usage (it
+--    recorded nothing).
 
 -- The threads' and then the messages' keys of these runs, each set in id order: what every
 -- writer to a run takes before the run (see 1). Called only by the functions below.
@@ -455,6 +458,14 @@ begin
      (consumed ->> 'cost_usd')::numeric, 'cancelled')
   on conflict (run_id, attempt) where run_id is not null do nothing;
   get diagnostics recorded = row_count;
+  if recorded = 0 and coalesce(consumed ->> 'prediction_id', '') <> '' then
+    -- The attempt's cancelled event is there without a prediction: a claim ended the run when
+    -- the lease of this attempt ran out (see 4, 6). The prediction goes on it, and what it
+    -- consumed on the user's usage, once (as a late create's: record_cancelled_consumption).
+    perform public.record_cancelled_consumption(p_run_id, consumed || jsonb_build_object('attempt',
+      coalesce((consumed ->> 'attempt')::integer,
+               case when run.status = 'queued' then run.attempts + 1 else greatest(run.attempts, 1) end)));
+  end if;
   if recorded > 0 and (coalesce((consumed ->> 'input_tokens')::integer, 0) + coalesce((consumed ->> 'output_tokens')::integer, 0) > 0
      or coalesce((consumed ->> 'cost_usd')::numeric, 0) > 0) then
     perform public.ai_usage_add(run.user_id, jsonb_build_object(
