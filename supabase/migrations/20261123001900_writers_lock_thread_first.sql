@@ -3,8 +3,8 @@
 --
 -- 1. Every function that locks a run and then writes a row referring to its thread and message
 --    (a reply, an inference event: their foreign keys take the thread's and the message's keys)
---    now takes those keys first, through assistant_lock_requests: the thread's, then the
---    message's, then the run, the order in which a delete takes them (the thread, by cascade its
+--    now takes those keys first, through assistant_lock_requests (complete_run inline): the
+--    thread's, then the message's, then the run, the order in which a delete takes them (the thread, by cascade its
 --    messages, by cascade their runs). Before, a delete of the thread that came while a reply
 --    was being written (or a delete of the message, for every writer but complete_run and
 --    complete_runs, fixed in 001800) waited for the run while the writer waited for the thread
