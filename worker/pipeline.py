@@ -185,8 +185,7 @@ class Worker:
                             # _start, that attempt stops and its prediction is cancelled.
                             self._abandon(previous, run, "reclaimed")
                         if run.blocked_code == CANCELLED_AT_CLAIM:
-                            self.counts["cancelled"] += 1
-                            self.metrics.cancelled.inc()
+                            self._count_cancelled()
                         else:
                             self._count_failed(run.blocked_code, run_ended=True)
                     elif run.blocked_code:  # refused at admission and already answered by the database
@@ -540,8 +539,7 @@ class Worker:
             if consumed["prediction_id"] is not None:
                 await self._record_orphaned(run, consumed)
         else:
-            self.counts["cancelled"] += 1
-            self.metrics.cancelled.inc()
+            self._count_cancelled()
             self._paid(consumed)
             log.info("run cancelled", extra={"event": "run.cancelled", "run_id": str(run.run_id),
                                              "prediction_id": handle.prediction_id})
@@ -571,6 +569,11 @@ class Worker:
         task = asyncio.create_task(record)
         self.recording.add(task)
         task.add_done_callback(self.recording.discard)
+
+    def _count_cancelled(self) -> None:
+        """A run ended cancelled, in the counts and metrics."""
+        self.counts["cancelled"] += 1
+        self.metrics.cancelled.inc()
 
     def _count_failed(self, code: str, *, run_ended: bool) -> None:
         """A failed attempt in the counts and metrics; `run_ended`: it ended its run."""
@@ -762,8 +765,7 @@ class Worker:
         self._paid(consumed)
         self._count_failed(error.code, run_ended=status == "failed")  # "failed": this attempt ended the run
         if status == "cancelled":  # its user cancelled it meanwhile: ended, not tried again
-            self.counts["cancelled"] += 1
-            self.metrics.cancelled.inc()
+            self._count_cancelled()
         elif status == "superseded":  # the run went on without this attempt (its lease ran out, say)
             self.counts["superseded"] += 1
         log.warning("run attempt failed", extra={"event": "run.failed", "run_id": str(run.run_id),

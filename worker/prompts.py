@@ -137,7 +137,9 @@ def render_profile(profile: dict[str, Any] | None, max_chars: int) -> str:
 
 
 def compose_system_prompt(settings: Settings, assistant: Assistant, profile: dict[str, Any] | None,
-                          knowledge: list[KnowledgeChunk], actions: list[ActionSpec]) -> str:
+                          knowledge: list[KnowledgeChunk], actions: list[ActionSpec], follow_ups: bool) -> str:
+    """`actions`: the actions offered (none unless the assistant has the feature); `follow_ups`:
+    whether to ask for follow-up questions. build_request decides both, once."""
     parts = [assistant.instructions.strip()]
     if "personalisation" in assistant.features:
         about = render_profile(profile, settings.profile_prompt_max_chars)
@@ -147,11 +149,11 @@ def compose_system_prompt(settings: Settings, assistant: Assistant, profile: dic
         context = "\n\n".join(f"[{chunk.source}]\n{chunk.content.strip()}" for chunk in knowledge)
         parts.append("Use the following knowledge when it answers the question, and name its source in brackets."
                      " If it does not help, answer from what you know.\n\n" + context)
-    if "actions" in assistant.features and actions:
+    if actions:
         listed = "\n".join(f"- {a.name}: {a.description}" for a in actions)
         parts.append("You may propose one action for the user to approve. To do so, end your reply with one line:\n"
                      f'{ACTION_MARKER} {{"type": "<action>", "payload": {{...}}}}\nAvailable actions:\n{listed}')
-    if "follow_ups" in assistant.features:
+    if follow_ups:
         parts.append(f"After your answer, write a line {FOLLOW_UPS_MARKER} and then up to three short questions the"
                      " user might ask next, one per line.")
     return "\n\n".join(parts)
@@ -205,7 +207,9 @@ def build_request(settings: Settings, history: list[dict[str, Any]], content: st
     route = "vision" if image_url else "chat"
     model = resolve_model(settings, assistant.vision_model if image_url else assistant.chat_model, route)
     knowledge = knowledge or []
-    system_prompt = compose_system_prompt(settings, assistant, profile, knowledge, actions or [])
+    offered = actions if actions and "actions" in assistant.features else []
+    follow_ups = "follow_ups" in assistant.features
+    system_prompt = compose_system_prompt(settings, assistant, profile, knowledge, offered, follow_ups)
     turns = [Turn(h["role"], h["content"]) for h in history]
     budget = assistant.context_token_budget or settings.context_token_budget
     kept = fit_history(system_prompt, turns, content, budget)
@@ -218,8 +222,7 @@ def build_request(settings: Settings, history: list[dict[str, Any]], content: st
         "temperature": assistant.temperature if assistant.temperature is not None else settings.temperature,
     }
     return ModelRequest(model, route, fill_input(model.input, values), estimate_tokens(prompt), len(kept), knowledge,
-                        actions_offered="actions" in assistant.features and bool(actions),
-                        follow_ups_offered="follow_ups" in assistant.features)
+                        actions_offered=bool(offered), follow_ups_offered=follow_ups)
 
 
 MARKERS = (FOLLOW_UPS_MARKER, ACTION_MARKER)
