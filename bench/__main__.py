@@ -28,7 +28,8 @@ FULL = {
     "warmup_s": 5.0, "duration_s": 20.0, "soak_duration_s": 60.0,
     # (conversations, workers, latency, variant): the same point with one suspected cost taken away
     "variants": [(100, 1, 0.0, "paced"), (100, 2, 0.0, "paced"), (100, 2, 0.0, "no_streaming"),
-                 (1000, 2, 2.0, "no_streaming"), (1000, 2, 2.0, "unbudgeted_streaming")],
+                 (1000, 2, 2.0, "no_streaming"), (1000, 2, 2.0, "unbudgeted_streaming"),
+                 (1000, 2, 2.0, "every_reply_streams")],
     "peer_jobs": 5000, "peer_concurrency": 32, "peer_connections": 8,
     "scale_threads": 100_000, "scale_iterations": 2000,
 }

@@ -86,6 +86,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "no_streaming": {"STREAM_REPLIES": "false"},
     # Every reply streams at STREAM_PUBLISH_INTERVAL_MS whatever the number of replies streaming.
     "unbudgeted_streaming": {"STREAM_MAX_MESSAGES_PER_SECOND": "0"},
+    # Every reply streams, however rarely the budget lets each publish (the default until
+    # STREAM_MAX_INTERVAL_MS): the cost of reading every token of every reply.
+    "every_reply_streams": {"STREAM_MAX_INTERVAL_MS": "0"},
     # httpcore does `import sniffio` on every request; without sniffio installed each request paid a
     # failed import (a sys.path scan). A stub module on PYTHONPATH showed what that cost (sniffio is
     # a dependency since).
@@ -480,9 +483,11 @@ class PipelineBench:
             await ctl.execute("select pg_stat_statements_reset()")
             window_start, mono_start = await server_now(), time.monotonic()
             cpu.begin()
+            streams_before = await self._worker_samples(http)
             waits_task = asyncio.create_task(sample_waits())
             await asyncio.sleep(point.duration)
             window_end, mono_end = await server_now(), time.monotonic()
+            streams_after = await self._worker_samples(http)
             cpu_used = cpu.end()
             # CPU of processes outside the bench (another test suite on the machine, …).
             capacity = (mono_end - mono_start) * (os.cpu_count() or 1)
@@ -521,6 +526,11 @@ class PipelineBench:
             "peak_inflight_predictions": sim_stats["peak_running"],
             "peak_open_requests_at_simulator": sim_stats["peak_open_requests"],
             "peak_runs_in_flight_at_workers": max(inflight_series, default=None),
+            # Predictions started in the window whose reply streamed, or was written whole because
+            # the stream budget was full (STREAM_MAX_INTERVAL_MS); absent without STREAM_REPLIES.
+            "reply_streams": {o: round(streams_after.get(f'assistant_reply_streams_total{{outcome="{o}"}}', 0.0)
+                                       - streams_before.get(f'assistant_reply_streams_total{{outcome="{o}"}}', 0.0))
+                              for o in ("streamed", "whole")},
             "predictions_created": sim_stats["total_creates"],
             "worker_rss_mb": rss,
             "rss_series": [(round(t, 1), [round(x, 1) for x in r]) for t, r in rss_series],
@@ -541,18 +551,23 @@ class PipelineBench:
             "claims": _claims(statements),
         }
 
-    async def _worker_in_flight(self, http: httpx.AsyncClient) -> float:
-        """Sum of the workers' own `assistant_runs_in_flight` gauges (their /metrics endpoints)."""
-        total = 0.0
+    async def _worker_samples(self, http: httpx.AsyncClient) -> dict[str, float]:
+        """The workers' /metrics samples (name with labels → value), summed over the workers."""
+        total: dict[str, float] = {}
         for url in self.metrics_urls:
             try:
                 text = (await http.get(url, timeout=2)).text
             except httpx.HTTPError:
                 continue
             for line in text.splitlines():
-                if line.startswith("assistant_runs_in_flight "):
-                    total += float(line.split()[1])
+                if line.startswith("assistant_"):
+                    name, _, value = line.rpartition(" ")
+                    total[name] = total.get(name, 0.0) + float(value)
         return total
+
+    async def _worker_in_flight(self, http: httpx.AsyncClient) -> float:
+        """Sum of the workers' own `assistant_runs_in_flight` gauges."""
+        return (await self._worker_samples(http)).get("assistant_runs_in_flight", 0.0)
 
     @staticmethod
     def _rss_summary(series: list[tuple[float, list[float]]], window: list[tuple[float, list[float]]],

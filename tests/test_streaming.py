@@ -366,3 +366,59 @@ async def test_replies_streaming_at_once_share_the_workers_message_budget(monkey
     now[0] += 0.1
     await unbudgeted.update("de")
     assert sent(unbudgeted) == ["d", "e"]  # 0: the interval alone
+
+
+async def test_a_reply_streams_only_while_the_budget_can_give_every_stream_a_delta_each_interval() -> None:
+    """STREAM_MAX_INTERVAL_MS: with 2 messages a second and at most 1 s between deltas, two
+    replies may stream at once; a third is written whole until one of them closes its stream."""
+    from worker.streaming import ReplyRelay, StreamBudget
+
+    publisher, budget = RecordingPublisher(), StreamBudget(2, 1.0)
+
+    def relay() -> ReplyRelay | None:
+        return ReplyRelay.open(publisher, uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), 0.1, budget)
+
+    first, second, third = relay(), relay(), relay()
+    assert first is not None and second is not None and third is None and budget.open == 2
+    await first.update("a")
+    await first.flush(done=True)  # text streamed, then closed: both shares given back
+    assert (budget.open, budget.streaming) == (1, 0)
+    fourth = relay()
+    assert fourth is not None and relay() is None
+    await second.flush(done=True)  # never streamed text: its admission is given back all the same
+    await fourth.flush(done=True)
+    await fourth.flush(done=True)  # closing twice gives back once
+    assert (budget.open, budget.streaming) == (0, 0)
+    for unlimited in (StreamBudget(0, 1.0), StreamBudget(2, 0)):  # no budget, or no slowest interval
+        assert all(ReplyRelay.open(publisher, uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), 0.1, unlimited)
+                   for _ in range(10))
+
+
+async def test_replies_past_the_stream_budget_are_written_whole_without_an_event_stream(db_url, simulator) -> None:
+    """Three replies due at once under a budget that lets two stream: the third prediction is
+    created with `Prefer: wait`, its stream URL is never read and no delta names it; all three
+    replies are written, and the worker counts two streamed and one whole. Once the streams have
+    closed, the next reply streams again."""
+    simulator.latency = 1.0
+    pairs = [await new_user_thread(db_url) for _ in range(3)]
+    messages = [await say(db_url, user, thread, f"Tell me about scarf number {n}") for n, (user, thread) in enumerate(pairs)]
+    async with listening(db_url) as received, streaming_worker(simulator, db_url, stream_max_messages_per_second=2,
+                                                               stream_max_interval_ms=1000) as worker:
+        await finished_runs(db_url, 3)
+        await wait_until(checking(lambda: sum(d["done"] for d in received) == 2), what="both streams closed")
+        outcomes = {o: worker.metrics.reply_streams.labels(o)._value.get() for o in ("streamed", "whole")}
+        assert outcomes == {"streamed": 2, "whole": 1}
+        assert (worker.stream_budget.open, worker.stream_budget.streaming) == (0, 0)
+        user, thread = pairs[0]
+        later = await say(db_url, user, thread, "And about gloves?")
+        await finished_runs(db_url, 4)
+        await wait_until(checking(lambda: any(d["done"] and d["message_id"] == str(later) for d in received)),
+                         what="the later reply's stream closed")
+    assert sorted(len(c.headers.get("Prefer", "")) > 0 for c in simulator.creates) == [False, False, False, True]
+    assert len([r for r in simulator.requests if r.path.startswith("/v1/streams/")]) == 3
+    streamed = {d["message_id"] for d in received}
+    assert len(streamed & {str(m) for m in messages}) == 2 and str(later) in streamed
+    replies = await query(db_url, "select reply_to, content from assistant_messages where role = 'assistant'")
+    assert sorted(str(r["reply_to"]) for r in replies) == sorted(str(m) for m in [*messages, later])
+    whole = ({str(m) for m in messages} - streamed).pop()
+    assert next(r["content"] for r in replies if str(r["reply_to"]) == whole).startswith("You said: Tell me about scarf")

@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     # All of one worker's stream messages, per second (Supabase Realtime quotas: 100/s Free, 500/s
     # Pro, per project); 0: no budget.
     stream_max_messages_per_second: float = Field(50, ge=0)
+    # A reply streams only while the budget above still gives every stream a delta at least this
+    # often; past that, new replies are written whole (no event stream read). 0: every reply streams.
+    stream_max_interval_ms: int = Field(1000, ge=0, le=60000)
     # A prediction's event stream quiet this long is checked with a read: a prediction that ended
     # without its stream saying so is not waited for until its deadline.
     stream_idle_poll_seconds: float = Field(10, ge=0.1, le=600)

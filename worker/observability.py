@@ -52,6 +52,9 @@ class Metrics:
                                           ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.time_to_first_token = Histogram("assistant_time_to_first_token_seconds", "Time to the first output token",
                                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.reply_streams = Counter("assistant_reply_streams", "Predictions started with STREAM_REPLIES on, by "
+                                     "whether the reply streamed or was written whole (the stream budget was full)",
+                                     ["outcome"], registry=r)
         self.cost = Counter("assistant_cost_usd", "Estimated model cost", ["model"], registry=r)
         self.store_errors = Counter("assistant_store_errors", "Failed calls to the database or PostgREST", registry=r)
         self.wakeups_live = Gauge("assistant_wakeups_live", "1 while LISTEN or the Realtime subscription is live",

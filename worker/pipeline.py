@@ -102,7 +102,8 @@ class Worker:
         self.metrics = Metrics()
         self.provider.on_lost_create = lambda outcome: self.metrics.lost_creates.labels(outcome).inc()
         self.publisher = publisher if settings.stream_replies else None
-        self.stream_budget = StreamBudget(settings.stream_max_messages_per_second)
+        self.stream_budget = StreamBudget(settings.stream_max_messages_per_second,
+                                          settings.stream_max_interval_ms / 1000)
         self.cancelling: set[uuid.UUID] = set()
         # Runs whose reply is on its way to the database: no longer cancelled by the worker
         # (complete_runs ends a run cancelled meanwhile itself, and counts what it consumed once).
@@ -424,9 +425,11 @@ class Worker:
                 # Only the prompt needed the history (50 messages as Python objects, about 20 KB): not
                 # held for the seconds the prediction takes, times the runs in flight.
                 run.history.clear()  # the run owns this list (ClaimedRun.from_row copies it)
-                relay = (ReplyRelay(self.publisher, run.thread_id, run.run_id, run.message_id,
-                                    self.settings.stream_publish_interval_ms / 1000, self.stream_budget)
-                         if self.publisher else None)
+                relay = None
+                if self.publisher:  # streamed if the budget has room, else written whole
+                    relay = ReplyRelay.open(self.publisher, run.thread_id, run.run_id, run.message_id,
+                                            self.settings.stream_publish_interval_ms / 1000, self.stream_budget)
+                    self.metrics.reply_streams.labels("streamed" if relay else "whole").inc()
                 try:
                     prediction = await self.provider.predict(request.model, request.input, token, handle=handle,
                                                              on_text=relay.update if relay else None)

@@ -9,7 +9,8 @@ token. The final reply is still written once, by complete_run.
 
 Each message is a delta: {"run_id", "message_id" (the user message), "seq", "delta", "done"};
 publishing is throttled to one message per reply per STREAM_PUBLISH_INTERVAL_MS, and to
-STREAM_MAX_MESSAGES_PER_SECOND per worker in all (StreamBudget). The deltas of all
+STREAM_MAX_MESSAGES_PER_SECOND per worker in all (StreamBudget), which also writes a reply whole
+when streaming it would leave the streams open more than STREAM_MAX_INTERVAL_MS apart. The deltas of all
 replies in flight travel together: one NOTIFY statement or one Broadcast request carries every
 delta that became due while the previous one was on its way (hundreds of replies streaming at
 once would otherwise cost a round trip each). A failure to publish never fails the reply."""
@@ -84,14 +85,30 @@ class StreamBudget:
     Realtime counts every Broadcast message against the project's quota (100 a second on the
     Free plan, 500 on Pro) and may suspend a project far beyond it. 0: no budget. It paces the
     deltas in between: a reply's first and closing deltas go at once, so the rate can pass it
-    briefly when many replies start or end together."""
+    briefly when many replies start or end together.
 
-    def __init__(self, per_second: float) -> None:
+    A reply streams only while the budget can still give every open stream a delta at least
+    every STREAM_MAX_INTERVAL_MS (`admit`): past that, a new reply is written whole, without an
+    event stream at Replicate, and its clients get it as the reply row. Streams that would publish
+    a delta every few seconds, for replies that take a few seconds, show nothing a whole reply
+    does not, and reading every token of them costs the worker (and Replicate's side) most of what
+    a streamed reply costs beyond a whole one."""
+
+    def __init__(self, per_second: float, max_interval: float = 0.0) -> None:
         self.per_second = per_second
+        self.max_interval = max_interval  # 0: every reply streams, however rarely it publishes
         self.streaming = 0  # replies that have streamed text and not yet closed their stream
+        self.open = 0  # streams admitted and not yet closed (text or not)
 
     def interval(self, base: float) -> float:
         return max(base, self.streaming / self.per_second) if self.per_second else base
+
+    def admit(self) -> bool:
+        """Whether a new reply may stream; if so, it holds a share until its relay closes."""
+        if self.per_second and self.max_interval and (self.open + 1) / self.per_second > self.max_interval:
+            return False
+        self.open += 1
+        return True
 
 
 class ReplyRelay:
@@ -105,6 +122,7 @@ class ReplyRelay:
         self.interval = interval_seconds
         self.budget = budget
         self.counted = False  # in budget.streaming
+        self.admitted = False  # holds a share of budget.open (see open)
         self.closed = False  # the closing delta was sent (or tried): later text is not streamed
         self.raw = ""
         self.text = ""
@@ -112,6 +130,16 @@ class ReplyRelay:
         self.seq = 0
         self.last_publish = 0.0
         self.failed = False
+
+    @classmethod
+    def open(cls, publisher: Publisher, thread_id: uuid.UUID, run_id: uuid.UUID, message_id: uuid.UUID,
+             interval_seconds: float, budget: StreamBudget) -> ReplyRelay | None:
+        """A relay for a reply the budget lets stream, or None: the reply is written whole."""
+        if not budget.admit():
+            return None
+        relay = cls(publisher, thread_id, run_id, message_id, interval_seconds, budget)
+        relay.admitted = True
+        return relay
 
     async def update(self, text: str) -> None:
         if self.closed:  # a reader that outlived its stream's end: never counted again
@@ -135,6 +163,9 @@ class ReplyRelay:
                 if self.counted:  # the stream is closed (or could not be): its share is free
                     self.budget.streaming -= 1  # type: ignore[union-attr]
                     self.counted = False
+                if self.admitted:
+                    self.budget.open -= 1  # type: ignore[union-attr]
+                    self.admitted = False
 
     async def _flush(self, done: bool) -> None:
         if self.failed:
