@@ -805,3 +805,37 @@ def test_complete_runs_fails_as_a_whole_and_changes_nothing(conn, owner, thread)
 def test_complete_runs_refuses_what_is_not_a_list_of_runs(conn, bad: str) -> None:
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="p_runs must be|every element"):
         conn.execute("select * from complete_runs(%s::jsonb)", (bad,))
+
+
+def test_a_batch_completion_does_not_scan_the_events_table_planned_while_it_was_small(conn, owner, thread) -> None:
+    """20261123002000: complete_runs keeps one generic plan per connection, made at its first
+    call. Made while assistant_inference_events was small (a new project), the look for each
+    run's succeeded event was a hashed scan of the whole table, repeated at every call until the
+    next ANALYZE. A run the call completes now answers from the call's own writes: no scan."""
+    conn.execute("vacuum analyze assistant_inference_events")  # empty, as on a new project
+    say(conn, owner, thread, "first")
+    [first] = claim(conn)
+    reply = complete_batch(conn, [batch_item(first)])[first["run_id"]]  # the plan is made here
+    assert reply is not None
+    # The table grows, without an ANALYZE (autovacuum's next one can be a minute away).
+    conn.execute("""insert into assistant_inference_events (user_id, run_id, attempt, provider, model, status)
+                    select %s, %s, g, 'replicate', 'm', 'succeeded' from generate_series(2, 2001) g""",
+                 (owner, first["run_id"]))
+    say(conn, owner, thread, "second")
+    [second] = claim(conn)
+    conn.execute("select pg_stat_force_next_flush()")  # the counts below are then this transaction's alone
+    with conn.transaction():
+        answered = complete_batch(conn, [batch_item(second), batch_item(first)])
+        scans = conn.execute("select pg_stat_get_xact_numscans('public.assistant_inference_events'::regclass)").fetchone()[0]
+    [new_reply] = conn.execute("select id from assistant_messages where reply_to = %s", (second["message_id"],)).fetchone()
+    assert answered == {second["run_id"]: new_reply, first["run_id"]: reply}
+    # The element of the run that had ended (the same call again) still looks its event up: by the
+    # (run_id, attempt) index on this plan, or by the hashed scan it may have been planned as.
+    assert scans <= 1
+    say(conn, owner, thread, "third")
+    [third] = claim(conn)
+    conn.execute("select pg_stat_force_next_flush()")
+    with conn.transaction():
+        assert complete_batch(conn, [batch_item(third)])[third["run_id"]] is not None
+        scans = conn.execute("select pg_stat_get_xact_numscans('public.assistant_inference_events'::regclass)").fetchone()[0]
+    assert scans == 0
