@@ -1,9 +1,10 @@
-"""A user deleting a thread or a message while the worker writes to its request (migration
-20261123001900): every function that locks a run and then writes a row that refers to its thread
-and message (a reply, an event) takes the thread's and the message's keys first, in the order a
-delete takes them (the thread, its messages, by cascade their runs), and claim_runs, which holds
-runs it locked first, skips what a delete holds. Before, each of these could deadlock with the
-delete, and PostgreSQL rolled one of the two back after a second.
+"""A user deleting a thread, a message or their account while the worker writes to its request
+(migrations 20261123001900 and 20261123002100): every function that locks a run and then writes
+a row that refers to its account, thread and message (a reply, an event, usage) takes the
+account's, the thread's and the message's keys first, in the order a delete takes them (the
+account, its threads, their messages, by cascade their runs), and claim_runs, which holds runs it
+locked first, skips what a delete holds. Before, each of these could deadlock with the delete,
+and PostgreSQL rolled one of the two back after a second.
 
 Each case runs both orders: the delete first (held after its first row lock by a trigger of the
 test, waiting for an advisory lock), then the writer; and the writer first (held the same way
@@ -182,6 +183,8 @@ WRITERS: dict[str, tuple[Prepare, Call, Any, Callable[[Request], Any]]] = {
 
 
 def _delete(client: psycopg.Connection, r: Request, what: str) -> int:
+    if what == "account":  # as Supabase Auth deletes a user (its own role; here a superuser)
+        return client.execute("delete from auth.users where id = %s", (r.user,)).rowcount
     table, row = ("assistant_threads", r.thread) if what == "thread" else ("assistant_messages", r.message)
     with postgrest.request(client, postgrest.user("owner", r.user), commit=True) as cur:
         return cur.execute(f"delete from {table} where id = %s", (row,)).rowcount
@@ -194,7 +197,7 @@ def _answered(outcome: Any, expected: Any) -> bool:
 
 
 @pytest.mark.parametrize("first", ["delete", "writer"])
-@pytest.mark.parametrize("what", ["thread", "message"])
+@pytest.mark.parametrize("what", ["thread", "message", "account"])
 @pytest.mark.parametrize("writer", list(WRITERS))
 def test_deleting_while_the_worker_writes_ends_both_without_a_deadlock(db_url: str, conn, writer: str, what: str,
                                                                        first: str) -> None:
@@ -223,7 +226,7 @@ def test_deleting_while_the_worker_writes_ends_both_without_a_deadlock(db_url: s
             threads = [writing()]
             wait_for_its_lock(conn, worker, threads[0], outcome)  # held, its locks taken, before its first insert
             threads.append(deleting())
-            wait_for_its_lock(conn, client, threads[1], outcome)  # for the writer
+            wait_for_its_lock(conn, client, threads[1], outcome)  # for the writer (an account: at its first row)
         gate.execute("select pg_advisory_unlock(%s)", (gate_key,))
         for t in threads:
             t.join(30)
@@ -242,6 +245,10 @@ def test_deleting_while_the_worker_writes_ends_both_without_a_deadlock(db_url: s
     assert left == (0, 0)
     if what == "message":
         assert conn.execute("select count(*) from assistant_threads where id = %s", (request.thread,)).fetchone()[0] == 1
+    if what == "account":  # and nothing of the user: usage and events went with the account
+        assert conn.execute("select (select count(*) from ai_usage_windows where user_id = %(u)s)"
+                            " + (select count(*) from assistant_inference_events where user_id = %(u)s)",
+                            {"u": request.user}).fetchone()[0] == 0
 
 
 def test_a_run_the_claim_leaves_to_a_delete_is_claimed_when_the_delete_is_rolled_back(db_url: str, conn) -> None:
@@ -323,3 +330,36 @@ def test_withdrawing_an_assistant_writes_its_replies_in_thread_order_beside_a_co
     ended = conn.execute("select thread_id, status, last_error_code from assistant_runs order by thread_id, status").fetchall()
     assert ended == [(x, "completed", None), (x, "failed", "assistant_unavailable"),
                      (y, "completed", None), (y, "failed", "assistant_unavailable")]
+
+
+@pytest.mark.parametrize("kind", ["queued", "stale"])
+def test_a_claim_leaves_the_runs_of_an_account_whose_deletion_holds_only_its_row(db_url: str, conn, kind: str) -> None:
+    """Migration 20261123002100, 3: the deletion of an account is held just after it locked the
+    account's row, before its cascade reached the threads. The claim can lock the run, its thread
+    and its message, but not the account: it leaves the run as it is (to admit it, or to end it
+    with a reply, it would wait for the account while holding the thread the deletion needs
+    next). Another user's run is claimed meanwhile; the deletion then takes everything."""
+    request = _queued(conn) if kind == "queued" else _stale(conn)
+    other = _queued(conn)
+    conn.execute(f"""
+        create function test_hold_account_delete() returns trigger language plpgsql as $$
+        begin perform pg_advisory_xact_lock_shared({DELETE_GATE}); return old; end $$;
+        create trigger test_hold_account_delete before delete on auth.users
+          for each row execute function test_hold_account_delete();""")
+    outcome: dict = {}
+    with psycopg.connect(db_url, autocommit=True) as gate, psycopg.connect(db_url, autocommit=True) as client, \
+            psycopg.connect(db_url, autocommit=True) as worker:
+        gate.execute("select pg_advisory_lock(%s)", (DELETE_GATE,))
+        for c in (client, worker):
+            c.execute("set statement_timeout = '30s'")
+        worker.execute("set role service_role")
+        deleting = in_thread(outcome, "delete", lambda: _delete(client, request, "account"))
+        wait_for_its_lock(conn, client, deleting, outcome)  # the account's row locked, nothing else yet
+        assert conn.execute("select count(*) from assistant_threads where id = %s", (request.thread,)).fetchone()[0] == 1
+        claimed = in_thread(outcome, "claim", lambda: _claim(worker, request))
+        claimed.join(30)
+        assert not claimed.is_alive(), "the claim waited for the deletion"
+        gate.execute("select pg_advisory_unlock(%s)", (DELETE_GATE,))
+        deleting.join(30)
+    assert outcome == {"delete": 1, "claim": [(other.run["run_id"], None)]}, outcome
+    assert conn.execute("select count(*) from assistant_runs where id = %s", (request.run["run_id"],)).fetchone()[0] == 0

@@ -67,3 +67,29 @@ def test_clients_watch_threads_and_messages_over_realtime(conn: psycopg.Connecti
         "select tablename from pg_publication_tables where pubname = 'supabase_realtime'")}
     assert {"assistant_threads", "assistant_messages"} <= published
     assert "assistant_runs" not in published
+
+
+def test_the_account_lock_migration_stops_with_a_reason_when_its_role_cannot_lock_auth_users(conn) -> None:
+    """20261123002100 creates a SECURITY DEFINER function that locks rows of auth.users as the
+    role applying it: it first checks that this role may (UPDATE on auth.users, which Supabase's
+    `postgres` has) and stops with the reason otherwise, rather than leave every worker write to
+    fail with "permission denied"."""
+    import re
+
+    text = (PROJECT_DIR / "supabase" / "migrations" / "20261123002100_writers_lock_the_account_first.sql").read_text()
+    [check] = re.findall(r"^do \$\$.*?^\$\$;", text, flags=re.S | re.M)
+    conn.execute("create role migrator_without_auth nologin; create role migrator_with_auth nologin;"
+                 " grant usage on schema auth to migrator_without_auth, migrator_with_auth;"
+                 " grant select, update on auth.users to migrator_with_auth")
+    with conn.transaction(force_rollback=True):
+        conn.execute("set local role migrator_with_auth")
+        conn.execute(check)  # passes
+    with conn.transaction(force_rollback=True):
+        conn.execute("set local role migrator_without_auth")
+        try:
+            conn.execute(check)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            assert "migrator_without_auth" in str(exc) and "needs UPDATE on auth.users" in str(exc)
+            assert "apply the migrations as postgres" in (exc.diag.message_hint or "")
+        else:
+            raise AssertionError("the check let a role without UPDATE on auth.users through")

@@ -1050,6 +1050,10 @@ export type Database = {
         Args: { p_run_ids: string[] }
         Returns: undefined
       }
+      assistant_lock_users: {
+        Args: { p_user_ids: string[]; p_wait: boolean }
+        Returns: string[]
+      }
       assistant_schema_version: { Args: never; Returns: string }
       assistant_user_is_guest: { Args: { p_user_id: string }; Returns: boolean }
       attachment_object: {
