@@ -363,3 +363,56 @@ def test_a_claim_leaves_the_runs_of_an_account_whose_deletion_holds_only_its_row
         deleting.join(30)
     assert outcome == {"delete": 1, "claim": [(other.run["run_id"], None)]}, outcome
     assert conn.execute("select count(*) from assistant_runs where id = %s", (request.run["run_id"],)).fetchone()[0] == 0
+
+
+def test_one_update_withdrawing_two_assistants_writes_all_their_replies_in_thread_order(db_url: str, conn) -> None:
+    """Migration 20261123002200: the withdrawal trigger runs once per statement. Assistant A
+    (updated first) has thread Y, assistant B thread X < Y; each thread has a run in progress
+    (completed in one batch, X then Y) and a queued one. A row trigger wrote A's reply in Y, then
+    B's in X; held just before that second reply, the batch wrote X's and waited for Y's row,
+    and the trigger then waited for X's: a deadlock. One trigger for both writes X's first."""
+    a = conn.execute("insert into assistants (slug, name) values ('first-out', 'A') returning id").fetchone()[0]
+    b = conn.execute("insert into assistants (slug, name) values ('second-out', 'B') returning id").fetchone()[0]
+    x, y = uuid.UUID(int=1), uuid.UUID(int=2)
+    owners = {x: (create_user(conn), b), y: (create_user(conn), a)}
+    for thread, (user, assistant) in owners.items():
+        conn.execute("insert into assistant_threads (id, user_id, assistant_id) values (%s, %s, %s)", (thread, user, assistant))
+        user_message(conn, user, thread, "first")
+    in_progress = claim(conn)
+    for thread, (user, _) in owners.items():
+        user_message(conn, user, thread, "second")
+    assert [r[0] for r in conn.execute("select id from assistants where id in (%s, %s) order by ctid", (a, b))] == [a, b]
+    conn.execute(f"""
+        create function test_hold_withdrawal() returns trigger language plpgsql as $$
+        begin perform pg_advisory_xact_lock_shared({WRITE_GATE}); return new; end $$;
+        create trigger test_hold_withdrawal before insert on assistant_messages
+          for each row when (new.thread_id = '{x}' and new.metadata_json ? 'error_code')
+          execute function test_hold_withdrawal();""")
+    batch = [{"run_id": str(r["run_id"]), "attempt": r["attempt"], "content": "An answer.", "model": MODEL}
+             for r in in_progress]
+    outcome: dict = {}
+    with psycopg.connect(db_url, autocommit=True) as gate, psycopg.connect(db_url, autocommit=True) as admin, \
+            psycopg.connect(db_url, autocommit=True) as worker:
+        gate.execute("select pg_advisory_lock(%s)", (WRITE_GATE,))
+        for c in (admin, worker):
+            c.execute("set statement_timeout = '30s'")
+        withdrawing = in_thread(outcome, "withdrawal", lambda: admin.execute(
+            "update assistants set is_active = false where id in (%s, %s)", (a, b)).rowcount)
+        wait_for_its_lock(conn, admin, withdrawing, outcome)  # held before its reply in X
+        completing = in_thread(outcome, "batch", lambda: worker.execute(
+            "select reply_id from complete_runs(%s)", (Jsonb(batch),)).fetchall())
+        while completing.is_alive() and not conn.execute(
+                "select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
+                (worker.info.backend_pid,)).fetchone()[0]:
+            pass  # the batch ends, or waits for a lock (for Y's row, had the withdrawal written there)
+        gate.execute("select pg_advisory_unlock(%s)", (WRITE_GATE,))
+        withdrawing.join(30)
+        completing.join(30)
+    assert not any(isinstance(v, Exception) for v in outcome.values()), outcome
+    assert outcome["withdrawal"] == 2 and all(reply for (reply,) in outcome["batch"])
+    ended = conn.execute("select thread_id, status, last_error_code from assistant_runs order by thread_id, status").fetchall()
+    assert ended == [(x, "completed", None), (x, "failed", "assistant_unavailable"),
+                     (y, "completed", None), (y, "failed", "assistant_unavailable")]
+    notices = conn.execute("select thread_id, content from assistant_messages where metadata_json ? 'error_code'"
+                           " order by thread_id").fetchall()
+    assert [t for t, _ in notices] == [x, y]
