@@ -44,6 +44,9 @@ create trigger test_hold_write before insert on assistant_messages
   for each row when (new.role <> 'user') execute function test_hold_write();
 create trigger test_hold_write before insert on assistant_inference_events
   for each row execute function test_hold_write();
+create trigger test_hold_write_consumption before update on assistant_inference_events
+  for each row when (old.prediction_id is null and new.prediction_id is not null)
+  execute function test_hold_write();
 """
 
 
@@ -127,6 +130,20 @@ def _record_abandoned(worker: psycopg.Connection, r: Request) -> Any:
     return worker.execute("select record_abandoned_attempt(%s, %s)", (r.run["run_id"], _consumed(r, 1))).fetchone()[0]
 
 
+def _cancelled_unrecorded(conn: psycopg.Connection) -> Request:
+    """Cancelled while its prediction's create was on its way: the run ended with a cancelled
+    event that waits for what the prediction consumed."""
+    request = _claimed(conn)
+    _flag_cancelled(conn, request)
+    assert conn.execute("select finish_cancelled(%s, null)", (request.run["run_id"],)).fetchone()[0]
+    return request
+
+
+def _record_cancelled(worker: psycopg.Connection, r: Request) -> Any:
+    return worker.execute("select record_cancelled_consumption(%s, %s)",
+                          (r.run["run_id"], _consumed(r, r.run["attempt"]))).fetchone()[0]
+
+
 def _cancel_by_user(worker: psycopg.Connection, r: Request) -> Any:
     with postgrest.request(worker, postgrest.user("owner", r.user), commit=True) as cur:
         return cur.execute("select cancel_run(%s)", (r.run["run_id"],)).fetchone()[0]
@@ -177,6 +194,7 @@ WRITERS: dict[str, tuple[Prepare, Call, Any, Callable[[Request], Any]]] = {
     "release_run_cancelled": (_with_cancel_flag(_claimed), _release, False, lambda r: True),
     "record_abandoned_attempt": (_abandoned, _record_abandoned, False, lambda r: True),
     "cancel_run_by_user": (_queued, _cancel_by_user, GONE, lambda r: "cancelled"),
+    "record_cancelled_consumption": (_cancelled_unrecorded, _record_cancelled, False, lambda r: True),
     "claim_ending_stale": (_stale, _claim, [], lambda r: [(r.run["run_id"], "lease_expired")]),
     "claim_ending_unavailable": (_unavailable, _claim, [], lambda r: [(r.run["run_id"], "assistant_unavailable")]),
 }

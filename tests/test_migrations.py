@@ -71,25 +71,56 @@ def test_clients_watch_threads_and_messages_over_realtime(conn: psycopg.Connecti
 
 def test_the_account_lock_migration_stops_with_a_reason_when_its_role_cannot_lock_auth_users(conn) -> None:
     """20261123002100 creates a SECURITY DEFINER function that locks rows of auth.users as the
-    role applying it: it first checks that this role may (UPDATE on auth.users, which Supabase's
-    `postgres` has) and stops with the reason otherwise, rather than leave every worker write to
-    fail with "permission denied"."""
+    role applying it: it first checks that this role may (SELECT and UPDATE on auth.users, row
+    level security bypassed: as Supabase's `postgres`) and stops with the reason otherwise, rather
+    than leave every worker write to fail with "permission denied". Owned by such a role (not a
+    superuser) and called as service_role, the function locks; owned by one row level security
+    hides the accounts from, a claim's call raises instead of skipping them. All in one
+    transaction, rolled back (roles too)."""
     import re
 
     text = (PROJECT_DIR / "supabase" / "migrations" / "20261123002100_writers_lock_the_account_first.sql").read_text()
     [check] = re.findall(r"^do \$\$.*?^\$\$;", text, flags=re.S | re.M)
-    conn.execute("create role migrator_without_auth nologin; create role migrator_with_auth nologin;"
-                 " grant usage on schema auth to migrator_without_auth, migrator_with_auth;"
-                 " grant select, update on auth.users to migrator_with_auth")
+    user = conn.execute("insert into auth.users (id, email) values (gen_random_uuid(), 'lock@example.com')"
+                        " returning id").fetchone()[0]
+
+    def refused(role: str, says: str, hint: str) -> None:
+        with conn.transaction():
+            conn.execute("savepoint check_it")
+            conn.execute(f"set local role {role}")
+            try:
+                conn.execute(check)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                assert role in str(exc) and says in str(exc), exc
+                assert hint in (exc.diag.message_hint or "")
+            else:
+                raise AssertionError(f"the check let {role} through")
+            conn.execute("rollback to savepoint check_it")
+
     with conn.transaction(force_rollback=True):
-        conn.execute("set local role migrator_with_auth")
-        conn.execute(check)  # passes
-    with conn.transaction(force_rollback=True):
-        conn.execute("set local role migrator_without_auth")
-        try:
-            conn.execute(check)
-        except psycopg.errors.InsufficientPrivilege as exc:
-            assert "migrator_without_auth" in str(exc) and "needs UPDATE on auth.users" in str(exc)
-            assert "apply the migrations as postgres" in (exc.diag.message_hint or "")
-        else:
-            raise AssertionError("the check let a role without UPDATE on auth.users through")
+        conn.execute("create role migrator_without_auth nologin; create role migrator_with_auth nologin;"
+                     " grant usage on schema auth to migrator_without_auth, migrator_with_auth;"
+                     " grant select, update on auth.users to migrator_with_auth")
+        with conn.transaction():
+            conn.execute("set local role migrator_with_auth")
+            conn.execute(check)  # passes
+            conn.execute("reset role")  # (a released savepoint keeps its settings)
+        refused("migrator_without_auth", "needs SELECT and UPDATE on auth.users", "apply the migrations as postgres")
+        # As on a hosted project: the function owned by that role, called by the worker's role.
+        conn.execute("alter function assistant_lock_users(uuid[], boolean) owner to migrator_with_auth")
+        with conn.transaction():
+            conn.execute("set local role service_role")
+            assert conn.execute("select assistant_lock_users(array[%s]::uuid[], false)", (user,)).fetchone()[0] == [user]
+            conn.execute("reset role")
+        conn.execute("alter table auth.users enable row level security")
+        refused("migrator_with_auth", "does not bypass it", "a role with BYPASSRLS")
+        with conn.transaction():
+            conn.execute("savepoint call_it")
+            conn.execute("set local role service_role")
+            try:
+                conn.execute("select assistant_lock_users(array[%s]::uuid[], false)", (user,))
+            except psycopg.errors.InsufficientPrivilege as exc:
+                assert "cannot see an account whose requests are queued" in str(exc)
+            else:
+                raise AssertionError("an account the owner cannot see was skipped silently")
+            conn.execute("rollback to savepoint call_it")

@@ -425,12 +425,13 @@ class Worker:
                 # Only the prompt needed the history (50 messages as Python objects, about 20 KB): not
                 # held for the seconds the prediction takes, times the runs in flight.
                 run.history.clear()  # the run owns this list (ClaimedRun.from_row copies it)
-                relay = None
-                if self.publisher:  # streamed if the budget has room, else written whole
-                    relay = ReplyRelay.open(self.publisher, run.thread_id, run.run_id, run.message_id,
-                                            self.settings.stream_publish_interval_ms / 1000, self.stream_budget)
-                    self.metrics.reply_streams.labels("streamed" if relay else "whole").inc()
-                try:
+                # Streamed if the budget has room, else written whole (STREAM_MAX_INTERVAL_MS).
+                relay = (ReplyRelay.open(self.publisher, run.thread_id, run.run_id, run.message_id,
+                                         self.settings.stream_publish_interval_ms / 1000, self.stream_budget)
+                         if self.publisher else None)
+                try:  # (the relay's share of the budget is given back by its closing flush)
+                    if self.publisher:
+                        self.metrics.reply_streams.labels("streamed" if relay else "whole").inc()
                     prediction = await self.provider.predict(request.model, request.input, token, handle=handle,
                                                              on_text=relay.update if relay else None)
                 finally:

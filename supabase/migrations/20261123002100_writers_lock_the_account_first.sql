@@ -11,13 +11,20 @@
 --    SECURITY DEFINER: `service_role` has no privilege on auth.users on a hosted project, and a
 --    row lock needs UPDATE on the table. It runs as the role that applies the migrations
 --    (`postgres` on Supabase, which has every privilege on the auth schema's tables); it does
---    nothing else, and only service_role may call it. A key-share lock conflicts with nothing but
---    a delete of the account (or a change of its id): sign-ins and profile updates go on.
+--    nothing else, and only service_role may call it. A key-share lock conflicts only with a
+--    deletion of the account and with an update of a column with a unique index (its id, its
+--    phone number): sign-ins and most profile updates go on; such an update waits for the write,
+--    and a claim skips the account's runs for that moment. The migration first checks that its
+--    role may do it (SELECT and UPDATE on auth.users, row level security bypassed), and the
+--    function raises rather than let a claim skip an account it cannot see.
 -- 2. assistant_lock_requests, and so every writer that calls it (complete_runs, fail_attempt,
 --    finish_cancelled, cancel_run, release_run, record_abandoned_attempt, the withdrawal
 --    trigger), and complete_run inline: the accounts of the runs first, then the threads, the
 --    messages and the runs. Whichever of the two comes second now waits for the other, holding
 --    nothing: the writer then finds its run gone; the deletion deletes the reply too.
+-- 2b. record_cancelled_consumption (20261123000400) and record_orphaned_consumption
+--    (20261123000800), which put a prediction's consumption on an event and the user's usage:
+--    the account (and the run's thread and message) first too.
 -- 3. claim_runs holds runs it locked (SKIP LOCKED) before it knows their accounts, so it cannot
 --    wait for one: it takes the accounts of the runs it selected with SKIP LOCKED too
 --    (assistant_lock_users(…, false)), before it changes any of them, and leaves the runs of an
@@ -29,10 +36,18 @@
 
 do $$
 begin
-  if not has_table_privilege(current_user, 'auth.users', 'UPDATE') then
-    raise exception 'the role applying this migration (%) needs UPDATE on auth.users', current_user
+  if not (has_table_privilege(current_user, 'auth.users', 'SELECT')
+          and has_table_privilege(current_user, 'auth.users', 'UPDATE')) then
+    raise exception 'the role applying this migration (%) needs SELECT and UPDATE on auth.users', current_user
       using hint = 'assistant_lock_users locks accounts (for key share) as its owner; Supabase''s postgres role has '
                    'every privilege on the auth schema''s tables: apply the migrations as postgres',
+            errcode = '42501';
+  end if;
+  if (select c.relrowsecurity from pg_class c where c.oid = 'auth.users'::regclass)
+     and not (select r.rolbypassrls or r.rolsuper from pg_roles r where r.rolname = current_user) then
+    raise exception 'auth.users has row level security and the role applying this migration (%) does not bypass it',
+      current_user
+      using hint = 'assistant_lock_users must see every account: apply the migrations as a role with BYPASSRLS',
             errcode = '42501';
   end if;
 end
@@ -52,6 +67,15 @@ begin
   else  -- the accounts being deleted are skipped (and left out of the answer)
     select coalesce(array_agg(u.id), '{}') into locked
       from (select u.id from auth.users u where u.id = any(p_user_ids) order by u.id for key share skip locked) u;
+    -- One left out must be there, locked by its deletion (a deleted account's requests went with
+    -- it). One this role cannot see at all would leave its runs unclaimed for ever: say so.
+    if cardinality(locked) < cardinality(p_user_ids)
+       and exists (select 1 from unnest(p_user_ids) i (id)
+                    where i.id <> all(locked) and not exists (select 1 from auth.users u where u.id = i.id)) then
+      raise exception 'assistant_lock_users cannot see an account whose requests are queued'
+        using errcode = '42501',
+              hint = 'its owner must read every row of auth.users (SELECT, and no row level security it does not bypass)';
+    end if;
   end if;
   return locked;
 end
@@ -464,6 +488,86 @@ begin
          case when r.id = any(waiting) then 'replies_in_flight' else r.last_error_code end
     from public.assistant_runs r
    where r.id = any(blocked) or r.id = any(waiting);
+end
+$$;
+
+create or replace function public.record_cancelled_consumption(p_run_id uuid, p_consumed jsonb) returns boolean
+language plpgsql
+set search_path = ''
+as $$
+declare
+  event_user uuid;
+  tokens integer;
+  cost numeric;
+begin
+  if p_consumed is null or jsonb_typeof(p_consumed) <> 'object'
+     or coalesce(p_consumed ->> 'prediction_id', '') = '' or (p_consumed ->> 'attempt') is null then
+    raise exception 'p_consumed must be an object with attempt and prediction_id'
+      using errcode = '22023', hint = 'pass what the cancelled prediction consumed, as finish_cancelled takes it';
+  end if;
+  -- The run's account, thread and message before the event's row and the usage rows (see 2b).
+  perform public.assistant_lock_requests(array[p_run_id]);
+  update public.assistant_inference_events e
+     set prediction_id = p_consumed ->> 'prediction_id',
+         model = coalesce(p_consumed ->> 'model', e.model),
+         latency_ms = coalesce((p_consumed ->> 'latency_ms')::integer, e.latency_ms),
+         input_tokens = (p_consumed ->> 'input_tokens')::integer,
+         output_tokens = (p_consumed ->> 'output_tokens')::integer,
+         cost_estimate_usd = (p_consumed ->> 'cost_usd')::numeric
+   where e.run_id = p_run_id and e.attempt = (p_consumed ->> 'attempt')::integer
+     and e.status = 'cancelled' and e.prediction_id is null
+  returning e.user_id into event_user;
+  if not found then
+    return false;
+  end if;
+  tokens := coalesce((p_consumed ->> 'input_tokens')::integer, 0) + coalesce((p_consumed ->> 'output_tokens')::integer, 0);
+  cost := coalesce((p_consumed ->> 'cost_usd')::numeric, 0);
+  if tokens > 0 or cost > 0 then
+    perform public.ai_usage_add(event_user, jsonb_build_object('tokens', tokens, 'cost_usd', cost));
+  end if;
+  return true;
+end
+$$;
+
+create or replace function public.record_orphaned_consumption(p_run_id uuid, p_user_id uuid, p_consumed jsonb) returns boolean
+language plpgsql
+set search_path = ''
+as $$
+declare
+  prediction text := p_consumed ->> 'prediction_id';
+  tokens integer;
+  cost numeric;
+begin
+  if p_run_id is null or p_user_id is null or p_consumed is null or jsonb_typeof(p_consumed) <> 'object'
+     or coalesce(prediction, '') = '' or (p_consumed ->> 'attempt') is null then
+    raise exception 'p_run_id, p_user_id and p_consumed (an object with attempt and prediction_id) are required'
+      using errcode = '22023', hint = 'pass what the prediction consumed, as finish_cancelled takes it';
+  end if;
+  perform public.assistant_lock_users(array[p_user_id], true);  -- the account first (see 2b)
+  if exists (select 1 from public.assistant_runs where id = p_run_id)
+     or not exists (select 1 from auth.users where id = p_user_id) then
+    return false;  -- the run's own functions record it; or there is nobody left to charge
+  end if;
+  perform pg_advisory_xact_lock(hashtextextended('record_orphaned_consumption:' || prediction, 0));
+  if exists (select 1 from public.assistant_inference_events e where e.run_id is null and e.prediction_id = prediction) then
+    return false;  -- recorded already, by a reply written before the run was deleted or an earlier call
+  end if;
+  tokens := coalesce((p_consumed ->> 'input_tokens')::integer, 0) + coalesce((p_consumed ->> 'output_tokens')::integer, 0);
+  cost := coalesce((p_consumed ->> 'cost_usd')::numeric, 0);
+  insert into public.assistant_inference_events
+    (user_id, thread_id, attempt, provider, model, prediction_id, status, latency_ms,
+     input_tokens, output_tokens, cost_estimate_usd, error_code)
+  values
+    (p_user_id, (select t.id from public.assistant_threads t
+                  where t.id = (p_consumed ->> 'thread_id')::uuid and t.user_id = p_user_id),
+     (p_consumed ->> 'attempt')::integer, coalesce(p_consumed ->> 'provider', 'replicate'),
+     coalesce(p_consumed ->> 'model', 'unknown'), prediction, 'cancelled', (p_consumed ->> 'latency_ms')::integer,
+     (p_consumed ->> 'input_tokens')::integer, (p_consumed ->> 'output_tokens')::integer,
+     (p_consumed ->> 'cost_usd')::numeric, 'request_deleted');
+  if tokens > 0 or cost > 0 then
+    perform public.ai_usage_add(p_user_id, jsonb_build_object('tokens', tokens, 'cost_usd', cost));
+  end if;
+  return true;
 end
 $$;
 

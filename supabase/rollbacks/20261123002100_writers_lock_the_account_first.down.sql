@@ -1,5 +1,7 @@
 -- Rolls back 20261123002100_writers_lock_the_account_first.sql: assistant_lock_requests,
--- complete_run and claim_runs as 20261123001900 left them, and no assistant_lock_users.
+-- complete_run and claim_runs as 20261123001900 left them, record_cancelled_consumption and
+-- record_orphaned_consumption as 20261123000400 and 20261123000800 did, and no
+-- assistant_lock_users.
 begin;
 
 create or replace function public.assistant_lock_requests(p_run_ids uuid[]) returns void
@@ -384,6 +386,83 @@ $$;
 alter function public.complete_run(uuid, integer, text, text, text, text, integer, integer, numeric, integer, jsonb,
                                    jsonb, jsonb, integer)
   set plan_cache_mode = force_generic_plan;
+
+create or replace function public.record_cancelled_consumption(p_run_id uuid, p_consumed jsonb) returns boolean
+language plpgsql
+set search_path = ''
+as $$
+declare
+  event_user uuid;
+  tokens integer;
+  cost numeric;
+begin
+  if p_consumed is null or jsonb_typeof(p_consumed) <> 'object'
+     or coalesce(p_consumed ->> 'prediction_id', '') = '' or (p_consumed ->> 'attempt') is null then
+    raise exception 'p_consumed must be an object with attempt and prediction_id'
+      using errcode = '22023', hint = 'pass what the cancelled prediction consumed, as finish_cancelled takes it';
+  end if;
+  update public.assistant_inference_events e
+     set prediction_id = p_consumed ->> 'prediction_id',
+         model = coalesce(p_consumed ->> 'model', e.model),
+         latency_ms = coalesce((p_consumed ->> 'latency_ms')::integer, e.latency_ms),
+         input_tokens = (p_consumed ->> 'input_tokens')::integer,
+         output_tokens = (p_consumed ->> 'output_tokens')::integer,
+         cost_estimate_usd = (p_consumed ->> 'cost_usd')::numeric
+   where e.run_id = p_run_id and e.attempt = (p_consumed ->> 'attempt')::integer
+     and e.status = 'cancelled' and e.prediction_id is null
+  returning e.user_id into event_user;
+  if not found then
+    return false;
+  end if;
+  tokens := coalesce((p_consumed ->> 'input_tokens')::integer, 0) + coalesce((p_consumed ->> 'output_tokens')::integer, 0);
+  cost := coalesce((p_consumed ->> 'cost_usd')::numeric, 0);
+  if tokens > 0 or cost > 0 then
+    perform public.ai_usage_add(event_user, jsonb_build_object('tokens', tokens, 'cost_usd', cost));
+  end if;
+  return true;
+end
+$$;
+
+create or replace function public.record_orphaned_consumption(p_run_id uuid, p_user_id uuid, p_consumed jsonb) returns boolean
+language plpgsql
+set search_path = ''
+as $$
+declare
+  prediction text := p_consumed ->> 'prediction_id';
+  tokens integer;
+  cost numeric;
+begin
+  if p_run_id is null or p_user_id is null or p_consumed is null or jsonb_typeof(p_consumed) <> 'object'
+     or coalesce(prediction, '') = '' or (p_consumed ->> 'attempt') is null then
+    raise exception 'p_run_id, p_user_id and p_consumed (an object with attempt and prediction_id) are required'
+      using errcode = '22023', hint = 'pass what the prediction consumed, as finish_cancelled takes it';
+  end if;
+  if exists (select 1 from public.assistant_runs where id = p_run_id)
+     or not exists (select 1 from auth.users where id = p_user_id) then
+    return false;  -- the run's own functions record it; or there is nobody left to charge
+  end if;
+  perform pg_advisory_xact_lock(hashtextextended('record_orphaned_consumption:' || prediction, 0));
+  if exists (select 1 from public.assistant_inference_events e where e.run_id is null and e.prediction_id = prediction) then
+    return false;  -- recorded already, by a reply written before the run was deleted or an earlier call
+  end if;
+  tokens := coalesce((p_consumed ->> 'input_tokens')::integer, 0) + coalesce((p_consumed ->> 'output_tokens')::integer, 0);
+  cost := coalesce((p_consumed ->> 'cost_usd')::numeric, 0);
+  insert into public.assistant_inference_events
+    (user_id, thread_id, attempt, provider, model, prediction_id, status, latency_ms,
+     input_tokens, output_tokens, cost_estimate_usd, error_code)
+  values
+    (p_user_id, (select t.id from public.assistant_threads t
+                  where t.id = (p_consumed ->> 'thread_id')::uuid and t.user_id = p_user_id),
+     (p_consumed ->> 'attempt')::integer, coalesce(p_consumed ->> 'provider', 'replicate'),
+     coalesce(p_consumed ->> 'model', 'unknown'), prediction, 'cancelled', (p_consumed ->> 'latency_ms')::integer,
+     (p_consumed ->> 'input_tokens')::integer, (p_consumed ->> 'output_tokens')::integer,
+     (p_consumed ->> 'cost_usd')::numeric, 'request_deleted');
+  if tokens > 0 or cost > 0 then
+    perform public.ai_usage_add(p_user_id, jsonb_build_object('tokens', tokens, 'cost_usd', cost));
+  end if;
+  return true;
+end
+$$;
 
 drop function public.assistant_lock_users(uuid[], boolean);
 
