@@ -30,9 +30,10 @@ USER 10001:10001
 EXPOSE 9108
 HEALTHCHECK --interval=30s --timeout=5s \
   CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:9108/healthz', timeout=3)"]
-# SIGTERM: stop claiming, finish work in flight within WORKER_SHUTDOWN_GRACE_SECONDS (default 30);
-# give docker/k8s a longer stop timeout than that (e.g. `docker stop -t 45`); with
-# STREAM_REPLIES=false, 125 s more (held creates are waited for, to cancel their predictions).
+# SIGTERM: stop claiming, finish work in flight within WORKER_SHUTDOWN_GRACE_SECONDS (default 30),
+# then wait for creates held by Prefer: wait (unstreamed replies, and under load those written
+# whole past the stream budget) to cancel their predictions: 195 s in all with the defaults. Give
+# docker/k8s a stop timeout of 200 s (`docker run --stop-timeout 200`, terminationGracePeriodSeconds).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "worker"]
 CMD ["run"]

@@ -487,8 +487,8 @@ class PipelineBench:
             waits_task = asyncio.create_task(sample_waits())
             await asyncio.sleep(point.duration)
             window_end, mono_end = await server_now(), time.monotonic()
-            streams_after = await self._worker_samples(http)
             cpu_used = cpu.end()
+            streams_after = await self._worker_samples(http)
             # CPU of processes outside the bench (another test suite on the machine, …).
             capacity = (mono_end - mono_start) * (os.cpu_count() or 1)
             ours = sum(v for k, v in cpu_used.items() if k != "machine_busy_fraction")
@@ -527,10 +527,12 @@ class PipelineBench:
             "peak_open_requests_at_simulator": sim_stats["peak_open_requests"],
             "peak_runs_in_flight_at_workers": max(inflight_series, default=None),
             # Predictions started in the window whose reply streamed, or was written whole because
-            # the stream budget was full (STREAM_MAX_INTERVAL_MS); absent without STREAM_REPLIES.
-            "reply_streams": {o: round(streams_after.get(f'assistant_reply_streams_total{{outcome="{o}"}}', 0.0)
-                                       - streams_before.get(f'assistant_reply_streams_total{{outcome="{o}"}}', 0.0))
-                              for o in ("streamed", "whole")},
+            # the stream budget was full (STREAM_MAX_INTERVAL_MS); 0 and 0 without STREAM_REPLIES;
+            # None if a worker's /metrics could not be read at either end of the window.
+            "reply_streams": None if streams_before is None or streams_after is None else {
+                o: round(streams_after.get(f'assistant_reply_streams_total{{outcome="{o}"}}', 0.0)
+                         - streams_before.get(f'assistant_reply_streams_total{{outcome="{o}"}}', 0.0))
+                for o in ("streamed", "whole")},
             "predictions_created": sim_stats["total_creates"],
             "worker_rss_mb": rss,
             "rss_series": [(round(t, 1), [round(x, 1) for x in r]) for t, r in rss_series],
@@ -551,14 +553,15 @@ class PipelineBench:
             "claims": _claims(statements),
         }
 
-    async def _worker_samples(self, http: httpx.AsyncClient) -> dict[str, float]:
-        """The workers' /metrics samples (name with labels → value), summed over the workers."""
+    async def _worker_samples(self, http: httpx.AsyncClient) -> dict[str, float] | None:
+        """The workers' /metrics samples (name with labels → value), summed over the workers; None
+        if one of them could not be read (a sum without it is no total to take differences of)."""
         total: dict[str, float] = {}
         for url in self.metrics_urls:
             try:
                 text = (await http.get(url, timeout=2)).text
             except httpx.HTTPError:
-                continue
+                return None
             for line in text.splitlines():
                 if line.startswith("assistant_"):
                     name, _, value = line.rpartition(" ")
@@ -567,7 +570,8 @@ class PipelineBench:
 
     async def _worker_in_flight(self, http: httpx.AsyncClient) -> float:
         """Sum of the workers' own `assistant_runs_in_flight` gauges."""
-        return (await self._worker_samples(http)).get("assistant_runs_in_flight", 0.0)
+        samples = await self._worker_samples(http)
+        return samples.get("assistant_runs_in_flight", 0.0) if samples is not None else 0.0
 
     @staticmethod
     def _rss_summary(series: list[tuple[float, list[float]]], window: list[tuple[float, list[float]]],

@@ -414,6 +414,8 @@ def test_one_update_withdrawing_two_assistants_writes_all_their_replies_in_threa
         gate.execute("select pg_advisory_lock(%s)", (WRITE_GATE,))
         for c in (admin, worker):
             c.execute("set statement_timeout = '30s'")
+        # A sequential scan: the update meets A first (a row trigger fired for A, then for B).
+        admin.execute("set enable_indexscan = off; set enable_bitmapscan = off; set enable_tidscan = off")
         withdrawing = in_thread(outcome, "withdrawal", lambda: admin.execute(
             "update assistants set is_active = false where id in (%s, %s)", (a, b)).rowcount)
         wait_for_its_lock(conn, admin, withdrawing, outcome)  # held before its reply in X

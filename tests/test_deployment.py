@@ -41,5 +41,12 @@ def test_the_systemd_unit_drains_before_it_kills() -> None:
     assert service["ExecStart"].endswith("-m worker run")
     assert service["User"] != "root" and service["NoNewPrivileges"] == "yes"
     assert service["EnvironmentFile"] == "/etc/assistant-worker/worker.env"
-    assert int(service["TimeoutStopSec"]) > 30  # WORKER_SHUTDOWN_GRACE_SECONDS defaults to 30
+    # The longest shutdown with the defaults (README, "Shutdown"): the grace period, the runs given
+    # back, and a create held by Prefer: wait (unstreamed replies, and those written whole past the
+    # stream budget) answered or looked for, then cancelled.
+    from worker.config import Settings
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    longest = (defaults["worker_shutdown_grace_seconds"] + 10 + defaults["replicate_prefer_wait_seconds"]
+               + 3 * defaults["replicate_timeout_seconds"] + 5)
+    assert int(service["TimeoutStopSec"]) >= longest
     assert service["KillSignal"] == "SIGTERM"

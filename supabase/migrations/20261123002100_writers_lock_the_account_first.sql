@@ -16,7 +16,8 @@
 --    phone number): sign-ins and most profile updates go on; such an update waits for the write,
 --    and a claim skips the account's runs for that moment. The migration first checks that its
 --    role may do it (SELECT and UPDATE on auth.users, row level security bypassed), and the
---    function raises rather than let a claim skip an account it cannot see.
+--    function raises rather than let a claim skip an account it cannot see, or a writer go on
+--    without its lock.
 -- 2. assistant_lock_requests, and so every writer that calls it (complete_runs, fail_attempt,
 --    finish_cancelled, cancel_run, release_run, record_abandoned_attempt, the withdrawal
 --    trigger), and complete_run inline: the accounts of the runs first, then the threads, the
@@ -67,15 +68,17 @@ begin
   else  -- the accounts being deleted are skipped (and left out of the answer)
     select coalesce(array_agg(u.id), '{}') into locked
       from (select u.id from auth.users u where u.id = any(p_user_ids) order by u.id for key share skip locked) u;
-    -- One left out must be there, locked by its deletion (a deleted account's requests went with
-    -- it). One this role cannot see at all would leave its runs unclaimed for ever: say so.
-    if cardinality(locked) < cardinality(p_user_ids)
-       and exists (select 1 from unnest(p_user_ids) i (id)
-                    where i.id <> all(locked) and not exists (select 1 from auth.users u where u.id = i.id)) then
-      raise exception 'assistant_lock_users cannot see an account whose requests are queued'
-        using errcode = '42501',
-              hint = 'its owner must read every row of auth.users (SELECT, and no row level security it does not bypass)';
-    end if;
+  end if;
+  -- An account left out is one being deleted (skipped), or deleted: its requests are gone with
+  -- it. Unless this role cannot see the accounts at all (row level security it does not bypass):
+  -- then a claim would leave their runs for ever, and the writers would lose their lock order.
+  if cardinality(locked) < cardinality(p_user_ids)
+     and (select c.relrowsecurity from pg_class c where c.oid = 'auth.users'::regclass)
+     and not (select r.rolbypassrls or r.rolsuper from pg_roles r where r.rolname = current_user) then
+    raise exception 'assistant_lock_users cannot see the accounts: row level security on auth.users hides them from %',
+      current_user
+      using errcode = '42501',
+            hint = 'its owner must read every row of auth.users: make it a role with BYPASSRLS (as Supabase''s postgres)';
   end if;
   return locked;
 end
