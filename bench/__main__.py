@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"wrote {json_path} and {png_path} in {result['duration_seconds'] / 60:.1f} min")
     for t in result["targets"]:
         verdict = {True: "met", False: "NOT met", None: "-"}[t["met"]]
-        print(f"  [{verdict:>7}] {t['name']}: {t['value']} (target {t['target']})")
+        shown = "" if t.get("decides", True) else f" — reported beside the target: {t.get('why', '')}"
+        print(f"  [{verdict:>7}] {t['name']}: {t['value']} (target {t['target']}){shown}")
     return 0
 
 
