@@ -302,6 +302,39 @@ def test_a_run_the_claim_leaves_to_a_delete_is_claimed_when_the_delete_is_rolled
     assert (taken["message_id"], taken["attempt"], taken["blocked_code"]) == (second, 1, None)
 
 
+def _withdraw_beside_a_batch(db_url: str, conn: psycopg.Connection, held_thread: uuid.UUID, in_progress: list[dict],
+                             withdraw: Callable[[psycopg.Connection], int]) -> dict:
+    """Runs `withdraw` on a connection of its own, held just before the failure reply it writes in
+    `held_thread`; then completes the runs `in_progress` in one batch, until that batch ends or
+    waits for a lock; then lets the withdrawal go on. What each answered (or raised): `outcome`."""
+    conn.execute(f"""
+        create function test_hold_withdrawal() returns trigger language plpgsql as $$
+        begin perform pg_advisory_xact_lock_shared({WRITE_GATE}); return new; end $$;
+        create trigger test_hold_withdrawal before insert on assistant_messages
+          for each row when (new.thread_id = '{held_thread}' and new.metadata_json ? 'error_code')
+          execute function test_hold_withdrawal();""")
+    batch = [{"run_id": str(r["run_id"]), "attempt": r["attempt"], "content": "An answer.", "model": MODEL}
+             for r in in_progress]
+    outcome: dict = {}
+    with psycopg.connect(db_url, autocommit=True) as gate, psycopg.connect(db_url, autocommit=True) as admin, \
+            psycopg.connect(db_url, autocommit=True) as worker:
+        gate.execute("select pg_advisory_lock(%s)", (WRITE_GATE,))
+        for c in (admin, worker):
+            c.execute("set statement_timeout = '30s'")
+        withdrawing = in_thread(outcome, "withdrawal", lambda: withdraw(admin))
+        wait_for_its_lock(conn, admin, withdrawing, outcome)  # held before its reply in the held thread
+        completing = in_thread(outcome, "batch", lambda: worker.execute(
+            "select reply_id from complete_runs(%s)", (Jsonb(batch),)).fetchall())
+        while completing.is_alive() and not conn.execute(
+                "select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
+                (worker.info.backend_pid,)).fetchone()[0]:
+            pass  # the batch ends, or waits for a lock (for a row the withdrawal wrote)
+        gate.execute("select pg_advisory_unlock(%s)", (WRITE_GATE,))
+        withdrawing.join(30)
+        completing.join(30)
+    return outcome
+
+
 def test_withdrawing_an_assistant_writes_its_replies_in_thread_order_beside_a_completion_batch(db_url: str,
                                                                                                conn) -> None:
     """Migration 20261123001900, 6: the trigger that ends a withdrawn assistant's queued runs
@@ -320,32 +353,8 @@ def test_withdrawing_an_assistant_writes_its_replies_in_thread_order_beside_a_co
         user_message(conn, user, thread, "second")
     conn.execute("update assistant_runs set id = case when thread_id = %s then %s::uuid else %s::uuid end"
                  " where status = 'queued'", (x, uuid.UUID(int=2 ** 128 - 1), uuid.UUID(int=3)))
-    conn.execute(f"""
-        create function test_hold_withdrawal() returns trigger language plpgsql as $$
-        begin perform pg_advisory_xact_lock_shared({WRITE_GATE}); return new; end $$;
-        create trigger test_hold_withdrawal before insert on assistant_messages
-          for each row when (new.thread_id = '{x}' and new.metadata_json ? 'error_code')
-          execute function test_hold_withdrawal();""")
-    batch = [{"run_id": str(r["run_id"]), "attempt": r["attempt"], "content": "An answer.", "model": MODEL}
-             for r in in_progress]
-    outcome: dict = {}
-    with psycopg.connect(db_url, autocommit=True) as gate, psycopg.connect(db_url, autocommit=True) as admin, \
-            psycopg.connect(db_url, autocommit=True) as worker:
-        gate.execute("select pg_advisory_lock(%s)", (WRITE_GATE,))
-        for c in (admin, worker):
-            c.execute("set statement_timeout = '30s'")
-        withdrawing = in_thread(outcome, "withdrawal", lambda: admin.execute(
-            "update assistants set is_active = false where id = %s", (assistant,)).rowcount)
-        wait_for_its_lock(conn, admin, withdrawing, outcome)  # held before its reply in X
-        completing = in_thread(outcome, "batch", lambda: worker.execute(
-            "select reply_id from complete_runs(%s)", (Jsonb(batch),)).fetchall())
-        while completing.is_alive() and not conn.execute(
-                "select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
-                (worker.info.backend_pid,)).fetchone()[0]:
-            pass  # the batch ends, or waits for a lock (for Y's row, had the withdrawal written there)
-        gate.execute("select pg_advisory_unlock(%s)", (WRITE_GATE,))
-        withdrawing.join(30)
-        completing.join(30)
+    outcome = _withdraw_beside_a_batch(db_url, conn, x, in_progress, lambda admin: admin.execute(
+        "update assistants set is_active = false where id = %s", (assistant,)).rowcount)
     assert not any(isinstance(v, Exception) for v in outcome.values()), outcome
     assert outcome["withdrawal"] == 1 and all(reply for (reply,) in outcome["batch"])
     ended = conn.execute("select thread_id, status, last_error_code from assistant_runs order by thread_id, status").fetchall()
@@ -403,34 +412,12 @@ def test_one_update_withdrawing_two_assistants_writes_all_their_replies_in_threa
     for thread, (user, _) in owners.items():
         user_message(conn, user, thread, "second")
     assert [r[0] for r in conn.execute("select id from assistants where id in (%s, %s) order by ctid", (a, b))] == [a, b]
-    conn.execute(f"""
-        create function test_hold_withdrawal() returns trigger language plpgsql as $$
-        begin perform pg_advisory_xact_lock_shared({WRITE_GATE}); return new; end $$;
-        create trigger test_hold_withdrawal before insert on assistant_messages
-          for each row when (new.thread_id = '{x}' and new.metadata_json ? 'error_code')
-          execute function test_hold_withdrawal();""")
-    batch = [{"run_id": str(r["run_id"]), "attempt": r["attempt"], "content": "An answer.", "model": MODEL}
-             for r in in_progress]
-    outcome: dict = {}
-    with psycopg.connect(db_url, autocommit=True) as gate, psycopg.connect(db_url, autocommit=True) as admin, \
-            psycopg.connect(db_url, autocommit=True) as worker:
-        gate.execute("select pg_advisory_lock(%s)", (WRITE_GATE,))
-        for c in (admin, worker):
-            c.execute("set statement_timeout = '30s'")
+    def withdraw(admin: psycopg.Connection) -> int:
         # A sequential scan: the update meets A first (a row trigger fired for A, then for B).
         admin.execute("set enable_indexscan = off; set enable_bitmapscan = off; set enable_tidscan = off")
-        withdrawing = in_thread(outcome, "withdrawal", lambda: admin.execute(
-            "update assistants set is_active = false where id in (%s, %s)", (a, b)).rowcount)
-        wait_for_its_lock(conn, admin, withdrawing, outcome)  # held before its reply in X
-        completing = in_thread(outcome, "batch", lambda: worker.execute(
-            "select reply_id from complete_runs(%s)", (Jsonb(batch),)).fetchall())
-        while completing.is_alive() and not conn.execute(
-                "select wait_event_type = 'Lock' from pg_stat_activity where pid = %s",
-                (worker.info.backend_pid,)).fetchone()[0]:
-            pass  # the batch ends, or waits for a lock (for Y's row, had the withdrawal written there)
-        gate.execute("select pg_advisory_unlock(%s)", (WRITE_GATE,))
-        withdrawing.join(30)
-        completing.join(30)
+        return admin.execute("update assistants set is_active = false where id in (%s, %s)", (a, b)).rowcount
+
+    outcome = _withdraw_beside_a_batch(db_url, conn, x, in_progress, withdraw)
     assert not any(isinstance(v, Exception) for v in outcome.values()), outcome
     assert outcome["withdrawal"] == 2 and all(reply for (reply,) in outcome["batch"])
     ended = conn.execute("select thread_id, status, last_error_code from assistant_runs order by thread_id, status").fetchall()
