@@ -529,9 +529,9 @@ class PipelineBench:
             # Predictions started in the window whose reply streamed, or was written whole because
             # the stream budget was full (STREAM_MAX_INTERVAL_MS); 0 and 0 without STREAM_REPLIES;
             # None if a worker's /metrics could not be read at either end of the window.
-            "reply_streams": None if streams_before is None or streams_after is None else {
-                o: round(streams_after.get(f'assistant_reply_streams_total{{outcome="{o}"}}', 0.0)
-                         - streams_before.get(f'assistant_reply_streams_total{{outcome="{o}"}}', 0.0))
+            "reply_streams": None if not (streams_before[1] and streams_after[1]) else {
+                o: round(streams_after[0].get(f'assistant_reply_streams_total{{outcome="{o}"}}', 0.0)
+                         - streams_before[0].get(f'assistant_reply_streams_total{{outcome="{o}"}}', 0.0))
                 for o in ("streamed", "whole")},
             "predictions_created": sim_stats["total_creates"],
             "worker_rss_mb": rss,
@@ -553,25 +553,26 @@ class PipelineBench:
             "claims": _claims(statements),
         }
 
-    async def _worker_samples(self, http: httpx.AsyncClient) -> dict[str, float] | None:
-        """The workers' /metrics samples (name with labels → value), summed over the workers; None
-        if one of them could not be read (a sum without it is no total to take differences of)."""
+    async def _worker_samples(self, http: httpx.AsyncClient) -> tuple[dict[str, float], bool]:
+        """The workers' /metrics samples (name with labels → value), summed over the workers that
+        answered, and whether all did (a sum without one is no total to take differences of)."""
         total: dict[str, float] = {}
+        complete = True
         for url in self.metrics_urls:
             try:
                 text = (await http.get(url, timeout=2)).text
             except httpx.HTTPError:
-                return None
+                complete = False
+                continue
             for line in text.splitlines():
                 if line.startswith("assistant_"):
                     name, _, value = line.rpartition(" ")
                     total[name] = total.get(name, 0.0) + float(value)
-        return total
+        return total, complete
 
     async def _worker_in_flight(self, http: httpx.AsyncClient) -> float:
-        """Sum of the workers' own `assistant_runs_in_flight` gauges."""
-        samples = await self._worker_samples(http)
-        return samples.get("assistant_runs_in_flight", 0.0) if samples is not None else 0.0
+        """Sum of the workers' own `assistant_runs_in_flight` gauges (of those that answered)."""
+        return (await self._worker_samples(http))[0].get("assistant_runs_in_flight", 0.0)
 
     @staticmethod
     def _rss_summary(series: list[tuple[float, list[float]]], window: list[tuple[float, list[float]]],
